@@ -60,7 +60,7 @@ def paths(tree: PyTree) -> list[str]:
     return [_join(p) for p in optree.tree_paths(tree)]
 
 
-def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:  # noqa: A001
+def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """``fn(leaf, *other_leaves)`` over matching leaves of trees of one structure."""
     return optree.tree_map(fn, tree, *rest)
 
@@ -200,7 +200,10 @@ def summary(tree: PyTree, axes: PyTree | None = None) -> str:
     numeric = {3}
 
     def fmt(row: tuple[str, ...]) -> str:
-        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

@@ -1,0 +1,1 @@
+"""Bridges to other libraries\x27 modules and weights."""

@@ -1,0 +1,38 @@
+"""Pure layers: ``init(key) -> params``, ``apply(params, ...)``, ``axes()``."""
+
+from functional_llm.nn.attention import MultiHeadAttention, causal_mask, key_padding_mask
+from functional_llm.nn.blocks import DecoderBlock, EncoderBlock
+from functional_llm.nn.dropout import Dropout, dropout
+from functional_llm.nn.embedding import Embedding
+from functional_llm.nn.linear import Linear
+from functional_llm.nn.mlp import ACTIVATIONS, MLP
+from functional_llm.nn.module import Layer, check_tree, eval_shape
+from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
+from functional_llm.nn.positions import positions_like, rope, sinusoidal
+from functional_llm.nn.stacks import Decoder, Encoder, EncoderDecoder
+
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "Decoder",
+    "DecoderBlock",
+    "Dropout",
+    "Embedding",
+    "Encoder",
+    "EncoderBlock",
+    "EncoderDecoder",
+    "Layer",
+    "LayerNorm",
+    "Linear",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "causal_mask",
+    "check_tree",
+    "dropout",
+    "eval_shape",
+    "key_padding_mask",
+    "make_norm",
+    "positions_like",
+    "rope",
+    "sinusoidal",
+]

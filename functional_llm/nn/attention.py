@@ -1,0 +1,170 @@
+"""Multi-head attention: ``softmax(Q K^T / sqrt(d_k) + M) V`` per head, then ``W_o``.
+
+Self- and cross-attention, causal and key-padding masks, multi-head, multi-query and
+grouped-query attention (``n_kv_heads`` = ``n_heads``, 1, or a divisor of it), and rotary
+positions on queries and keys. The fast path is
+``torch.nn.functional.scaled_dot_product_attention``; the explicit path (same math) runs when
+the attention weights are asked for or attention dropout is on, since SDPA's own dropout
+would read the global RNG.
+
+Masks follow SDPA and JAX: a boolean ``mask`` is True where a query *may* attend, and
+broadcasts to ``(..., heads, T_q, T_k)``. :func:`key_padding_mask` and :func:`causal_mask`
+build the usual ones. A query that may attend to nothing outputs zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from functional_llm import random
+from functional_llm.init import Initializer
+from functional_llm.nn.dropout import dropout
+from functional_llm.nn.linear import Linear
+from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.positions import positions_like, rope
+
+__all__ = ["MultiHeadAttention", "causal_mask", "key_padding_mask"]
+
+
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """``(..., T_k)`` booleans, True for real tokens, to a mask ``(..., 1, 1, T_k)``."""
+    return valid.bool()[..., None, None, :]
+
+
+def causal_mask(
+    t_q: int, t_k: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """``(T_q, T_k)``: query ``i`` may see keys ``j <= i + (T_k - T_q)`` (the last queries of a
+    longer key sequence, as with a cache)."""
+    t_k = t_q if t_k is None else t_k
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
+
+
+@dataclass(frozen=True)
+class MultiHeadAttention(Layer):
+    """Projections ``q: (d_model, heads, head_dim)``, ``k, v: (kv_dim, kv_heads, head_dim)``,
+    ``o: (heads, head_dim, d_model)``; ``kv_dim`` is the memory's width in cross-attention."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    kv_dim: int | None = None
+    bias: bool = True
+    dropout: float = 0.0
+    rope_theta: float | None = None
+    w_init: Initializer | None = None
+    out_init: Initializer | None = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.n_heads <= 0:
+            raise ValueError(f"MultiHeadAttention.n_heads must be positive, got {self.n_heads}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"MultiHeadAttention.d_model ({self.d_model}) must be divisible by n_heads "
+                f"({self.n_heads}) unless head_dim is given"
+            )
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"MultiHeadAttention.n_kv_heads ({self.n_kv_heads}) must be positive and divide "
+                f"n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MultiHeadAttention.dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_theta is not None and self.dim_per_head % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.dim_per_head}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def _proj(self, name: str) -> Linear:
+        """The ``q``, ``k``, ``v`` or ``o`` projection."""
+        if name == "o":
+            return Linear(
+                (self.n_heads, self.dim_per_head), self.d_model, self.bias, ("heads", "head_dim"),
+                ("embed",), self.out_init or self.w_init, dtype=self.dtype,
+            )  # fmt: skip
+        heads, axis = (self.n_heads, "heads") if name == "q" else (self.kv_heads, "kv_heads")
+        width = self.d_model if name == "q" else (self.kv_dim or self.d_model)
+        return Linear(
+            width, (heads, self.dim_per_head), self.bias, ("embed",), (axis, "head_dim"),
+            self.w_init, dtype=self.dtype,
+        )  # fmt: skip
+
+    def init(self, key: torch.Tensor) -> Params:
+        keys = random.split(key, 4)
+        return {name: self._proj(name).init(k) for name, k in zip("qkvo", keys, strict=True)}
+
+    def axes(self) -> Params:
+        return {name: self._proj(name).axes() for name in "qkvo"}
+
+    def apply(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        positions: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend from ``x: (..., T, d_model)`` to ``context: (..., S, kv_dim)`` (``x`` itself if
+        None). ``positions`` (default ``0..T-1``) drive rotary embeddings in self-attention.
+        With ``return_weights`` also returns the ``(..., heads, T, S)`` attention weights."""
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"attention mask must be boolean (True = may attend), got {mask.dtype}")
+        memory = x if context is None else context
+        q = self._proj("q").apply(params["q"], x)  # (..., T, H, hd)
+        k = self._proj("k").apply(params["k"], memory)  # (..., S, Hkv, hd)
+        v = self._proj("v").apply(params["v"], memory)
+        if self.rope_theta is not None and context is None:
+            pos = positions_like(x[..., 0]) if positions is None else positions
+            q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+        q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # heads before time
+        if self.kv_heads != self.n_heads:  # grouped-query: each kv head serves a group
+            group = self.n_heads // self.kv_heads
+            k, v = (t.repeat_interleave(group, dim=-3) for t in (k, v))
+        t_q, t_k = q.shape[-2], k.shape[-2]
+        if causal:
+            tri = causal_mask(t_q, t_k, x.device)
+            mask = tri if mask is None else mask & tri
+        drop = self.dropout if key is not None else 0.0
+        if return_weights or drop > 0.0:
+            out, weights = _explicit_attention(q, k, v, mask, drop, key)
+        else:
+            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        y = self._proj("o").apply(params["o"], out.transpose(-3, -2))
+        return (y, weights) if return_weights else y
+
+
+def _explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    rate: float,
+    key: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same math as SDPA, keeping the weights and applying keyed dropout to them."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        # A finite fill keeps gradients finite for rows that see no key; those rows are then
+        # zeroed, matching SDPA's output for them.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        weights = weights * mask.any(dim=-1, keepdim=True)
+    attended = dropout(weights, rate, key)
+    return attended @ v, weights

@@ -1,0 +1,215 @@
+"""Transformer blocks: residual sub-layers around attention and the MLP.
+
+Post-LN (Vaswani et al. 2017; BERT; ``torch.nn`` with ``norm_first=False``):
+    ``x = norm(x + dropout(sublayer(x)))``
+Pre-LN (GPT-2, Llama; ``norm_first=True``):
+    ``x = x + dropout(sublayer(norm(x)))``
+
+:class:`EncoderBlock` is self-attention then MLP (with ``causal=True`` it is GPT's block);
+:class:`DecoderBlock` adds cross-attention to an encoder's memory between the two, as
+``torch.nn.TransformerDecoderLayer`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from functional_llm import random
+from functional_llm.init import Initializer
+from functional_llm.nn.attention import MultiHeadAttention
+from functional_llm.nn.dropout import dropout
+from functional_llm.nn.mlp import MLP
+from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
+
+__all__ = ["DecoderBlock", "EncoderBlock"]
+
+Key = torch.Tensor | None
+
+
+def _keys(key: Key, n: int) -> list[Key]:
+    return [None] * n if key is None else list(random.split(key, n))
+
+
+@dataclass(frozen=True)
+class EncoderBlock(Layer):
+    """Self-attention and MLP sub-layers; ``torch.nn.TransformerEncoderLayer``'s defaults."""
+
+    d_model: int
+    n_heads: int
+    d_ff: int
+    n_kv_heads: int | None = None
+    activation: str = "relu"
+    dropout: float = 0.0
+    norm_first: bool = False
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    bias: bool = True
+    rope_theta: float | None = None
+    w_init: Initializer | None = None
+    out_init: Initializer | None = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
+        self._sublayers()  # validates the attention, MLP and norm settings
+
+    def _attention(self, cross: bool = False) -> MultiHeadAttention:
+        return MultiHeadAttention(
+            self.d_model, self.n_heads, self.n_kv_heads, bias=self.bias, dropout=self.dropout,
+            rope_theta=None if cross else self.rope_theta, w_init=self.w_init,
+            out_init=self.out_init, dtype=self.dtype,
+        )  # fmt: skip
+
+    def _norm(self) -> LayerNorm | RMSNorm:
+        return make_norm(self.norm, self.d_model, self.norm_eps, self.bias, self.dtype)
+
+    def _mlp(self) -> MLP:
+        return MLP(
+            self.d_model, self.d_ff, self.activation, self.bias, self.dropout, self.w_init,
+            self.out_init, self.dtype,
+        )  # fmt: skip
+
+    def _sublayers(self) -> dict[str, Layer]:
+        return {
+            "attn_norm": self._norm(),
+            "attn": self._attention(),
+            "mlp_norm": self._norm(),
+            "mlp": self._mlp(),
+        }
+
+    def init(self, key: torch.Tensor) -> Params:
+        layers = self._sublayers()
+        keys = random.split(key, len(layers))
+        return {name: layer.init(k) for (name, layer), k in zip(layers.items(), keys, strict=True)}
+
+    def axes(self) -> Params:
+        return {name: layer.axes() for name, layer in self._sublayers().items()}
+
+    def _residual(
+        self,
+        params: Params,
+        name: str,
+        x: torch.Tensor,
+        sublayer: Callable[[torch.Tensor], torch.Tensor],
+        key: Key,
+    ) -> torch.Tensor:
+        """One residual sub-layer, pre- or post-norm, with dropout on its output."""
+        norm = self._norm()
+        if self.norm_first:
+            return x + dropout(sublayer(norm.apply(params[f"{name}_norm"], x)), self.dropout, key)
+        return norm.apply(params[f"{name}_norm"], x + dropout(sublayer(x), self.dropout, key))
+
+    def apply(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        positions: torch.Tensor | None = None,
+        key: Key = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(..., T, d_model) -> (..., T, d_model)``; ``mask`` is the self-attention mask. With
+        ``return_weights`` also returns ``{"attn": (..., heads, T, T)}`` attention weights."""
+        k_attn, k_attn_out, k_mlp, k_mlp_out = _keys(key, 4)
+        weights: dict[str, torch.Tensor] = {}
+        attend = self._attend(
+            params,
+            "attn",
+            weights,
+            return_weights,
+            mask=mask,
+            causal=causal,
+            positions=positions,
+            key=k_attn,
+        )
+        x = self._residual(params, "attn", x, attend, k_attn_out)
+        x = self._residual(
+            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, k_mlp), k_mlp_out
+        )
+        return (x, weights) if return_weights else x
+
+    def _attend(
+        self,
+        params: Params,
+        name: str,
+        weights: dict[str, torch.Tensor],
+        return_weights: bool,
+        **kw: object,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Attention sub-layer ``name`` as a function; its weights go to ``weights[name]``."""
+        layer = self._attention(cross=name == "cross")
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            out = layer.apply(params[name], h, return_weights=return_weights, **kw)
+            if return_weights:
+                out, weights[name] = out
+            return out
+
+        return run
+
+
+@dataclass(frozen=True)
+class DecoderBlock(EncoderBlock):
+    """Self-attention, cross-attention to ``memory``, then MLP; ``kv_dim`` is the memory's
+    width when it differs from ``d_model``."""
+
+    kv_dim: int | None = None
+
+    def _attention(self, cross: bool = False) -> MultiHeadAttention:
+        attn = super()._attention(cross)
+        return replace(attn, kv_dim=self.kv_dim) if cross and self.kv_dim is not None else attn
+
+    def _sublayers(self) -> dict[str, Layer]:
+        layers = super()._sublayers()
+        cross = {"cross_norm": self._norm(), "cross": self._attention(cross=True)}
+        return {
+            "attn_norm": layers["attn_norm"],
+            "attn": layers["attn"],
+            **cross,
+            "mlp_norm": layers["mlp_norm"],
+            "mlp": layers["mlp"],
+        }
+
+    def apply(  # type: ignore[override]
+        self,
+        params: Params,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        memory_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key: Key = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``mask``/``causal`` restrict self-attention, ``memory_mask`` cross-attention; with
+        ``return_weights`` also returns ``{"attn": ..., "cross": ...}`` attention weights."""
+        k_self, k_self_out, k_cross, k_cross_out, k_mlp, k_mlp_out = _keys(key, 6)
+        weights: dict[str, torch.Tensor] = {}
+        attend = self._attend(
+            params,
+            "attn",
+            weights,
+            return_weights,
+            mask=mask,
+            causal=causal,
+            positions=positions,
+            key=k_self,
+        )
+        x = self._residual(params, "attn", x, attend, k_self_out)
+        attend = self._attend(
+            params, "cross", weights, return_weights, context=memory, mask=memory_mask, key=k_cross
+        )
+        x = self._residual(params, "cross", x, attend, k_cross_out)
+        x = self._residual(
+            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, k_mlp), k_mlp_out
+        )
+        return (x, weights) if return_weights else x

@@ -1,0 +1,77 @@
+"""Linear (dense) layer: ``y = x W + b`` over one or more input and output axes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from functional_llm import random
+from functional_llm.init import Constant, Initializer, fan_in_uniform
+from functional_llm.nn.module import Layer, Params
+
+__all__ = ["Linear"]
+
+Dims = int | tuple[int, ...]
+
+
+def _tuple(d: Dims) -> tuple[int, ...]:
+    return (d,) if isinstance(d, int) else tuple(d)
+
+
+@dataclass(frozen=True)
+class Linear(Layer):
+    """``y = x W + b`` with ``W`` of shape ``(*in_dims, *out_dims)``.
+
+    Several output dims give e.g. per-head projections ``(d_model, heads, head_dim)`` whose
+    ``heads`` axis a sharding rule can split; several input dims contract them all.
+    ``w_init`` defaults to ``torch.nn.Linear``'s ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+    """
+
+    in_dims: Dims
+    out_dims: Dims
+    bias: bool = True
+    in_axes: tuple[str | None, ...] = ("embed",)
+    out_axes: tuple[str | None, ...] = ("mlp",)
+    w_init: Initializer | None = None
+    b_init: Initializer | None = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        for field, dims, axes in (
+            ("in", self.in_dims, self.in_axes),
+            ("out", self.out_dims, self.out_axes),
+        ):
+            if any(d <= 0 for d in _tuple(dims)):
+                raise ValueError(f"Linear.{field}_dims must be positive, got {dims}")
+            if len(axes) != len(_tuple(dims)):
+                raise ValueError(
+                    f"Linear.{field}_axes {axes} must name each of {field}_dims {dims}"
+                )
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(_tuple(self.in_dims))
+
+    def init(self, key: torch.Tensor) -> Params:
+        k_w, k_b = random.split(key)
+        w_init = self.w_init or fan_in_uniform(self.fan_in)
+        params = {"w": w_init(k_w, _tuple(self.in_dims) + _tuple(self.out_dims), self.dtype)}
+        if self.bias:
+            b_init = self.b_init or Constant(0.0)
+            params["b"] = b_init(k_b, _tuple(self.out_dims), self.dtype)
+        return params
+
+    def axes(self) -> Params:
+        axes = {"w": self.in_axes + self.out_axes}
+        if self.bias:
+            axes["b"] = self.out_axes
+        return axes
+
+    def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        n_in, out = len(_tuple(self.in_dims)), _tuple(self.out_dims)
+        w = params["w"]
+        y = x.flatten(-n_in) @ w.reshape(self.fan_in, -1) if n_in > 1 or len(out) > 1 else x @ w
+        y = y.unflatten(-1, out) if len(out) > 1 else y
+        return y + params["b"] if self.bias else y

@@ -1,0 +1,153 @@
+"""Stacks of blocks: the encoder, the decoder and the encoder-decoder of ``torch.nn.Transformer``.
+
+Params of a stack are ``{"blocks": [block_0, ..., block_{L-1}], "norm": final_norm}``; the final
+norm is there when ``final_norm`` is set (``torch.nn.Transformer`` always has one, GPT-2 and
+Llama too, post-LN BERT none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from functional_llm import random
+from functional_llm.nn.blocks import DecoderBlock, EncoderBlock, Key
+from functional_llm.nn.module import Layer, Params
+
+__all__ = ["Decoder", "Encoder", "EncoderDecoder"]
+
+
+@dataclass(frozen=True)
+class Encoder(Layer):
+    """``n_layers`` copies of ``block`` (each with its own params), then an optional norm."""
+
+    block: EncoderBlock
+    n_layers: int
+    final_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 0:
+            raise ValueError(f"{type(self).__name__}.n_layers must be >= 0, got {self.n_layers}")
+
+    def init(self, key: torch.Tensor) -> Params:
+        keys = random.split(key, self.n_layers + 1)
+        params: Params = {"blocks": [self.block.init(keys[i]) for i in range(self.n_layers)]}
+        if self.final_norm:
+            params["norm"] = self.block._norm().init(keys[-1])
+        return params
+
+    def axes(self) -> Params:
+        axes: Params = {"blocks": [self.block.axes() for _ in range(self.n_layers)]}
+        if self.final_norm:
+            axes["norm"] = self.block._norm().axes()
+        return axes
+
+    def apply(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        positions: torch.Tensor | None = None,
+        key: Key = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Run the blocks in order; with ``return_weights`` also each block's attention weights."""
+        run = lambda p, h, k: self.block.apply(  # noqa: E731
+            p,
+            h,
+            mask=mask,
+            causal=causal,
+            positions=positions,
+            key=k,
+            return_weights=return_weights,
+        )
+        return self._run(params, x, run, key, return_weights)
+
+    def _run(
+        self, params: Params, x: torch.Tensor, run: Any, key: Key, return_weights: bool
+    ) -> Any:
+        """``x = run(block_params, x, key)`` through the blocks, then the final norm."""
+        keys = [None] * self.n_layers if key is None else random.split(key, self.n_layers)
+        weights = []
+        for block_params, k in zip(params["blocks"], keys, strict=True):
+            x = run(block_params, x, k)
+            if return_weights:
+                x, w = x
+                weights.append(w)
+        x = self.block._norm().apply(params["norm"], x) if self.final_norm else x
+        return (x, weights) if return_weights else x
+
+
+@dataclass(frozen=True)
+class Decoder(Encoder):
+    """A stack of :class:`DecoderBlock`, attending to an encoder's ``memory``."""
+
+    block: DecoderBlock
+
+    def apply(  # type: ignore[override]
+        self,
+        params: Params,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = True,
+        memory_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key: Key = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Causal self-attention by default (``causal=False`` for a bidirectional decoder)."""
+        run = lambda p, h, k: self.block.apply(  # noqa: E731
+            p, h, memory, mask=mask, causal=causal, memory_mask=memory_mask, positions=positions,
+            key=k, return_weights=return_weights,
+        )  # fmt: skip
+        return self._run(params, x, run, key, return_weights)
+
+
+@dataclass(frozen=True)
+class EncoderDecoder(Layer):
+    """``torch.nn.Transformer``'s core: ``decoder(tgt, encoder(src))`` on embedded sequences.
+
+    Params: ``{"encoder": ..., "decoder": ...}``. Masks follow this library's convention
+    (True = may attend); the decoder is causal unless ``causal=False``.
+    """
+
+    encoder: Encoder
+    decoder: Decoder
+
+    def init(self, key: torch.Tensor) -> Params:
+        k_enc, k_dec = random.split(key)
+        return {"encoder": self.encoder.init(k_enc), "decoder": self.decoder.init(k_dec)}
+
+    def axes(self) -> Params:
+        return {"encoder": self.encoder.axes(), "decoder": self.decoder.axes()}
+
+    def apply(
+        self,
+        params: Params,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        *,
+        src_mask: torch.Tensor | None = None,
+        tgt_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        causal: bool = True,
+        key: Key = None,
+    ) -> torch.Tensor:
+        """``src: (..., S, d)``, ``tgt: (..., T, d)`` to ``(..., T, d)``."""
+        k_enc, k_dec = (None, None) if key is None else random.split(key)
+        memory = self.encoder.apply(params["encoder"], src, mask=src_mask, key=k_enc)
+        return self.decoder.apply(
+            params["decoder"],
+            tgt,
+            memory,
+            mask=tgt_mask,
+            causal=causal,
+            memory_mask=memory_mask,
+            key=k_dec,
+        )

@@ -1,0 +1,18 @@
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+# Parity tests compare against torch.nn's slow path: its fused "fast path" zeroes padded
+# positions in eval mode, which is an implementation shortcut, not the math.
+torch.backends.mha.set_fastpath_enabled(False)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+settings.register_profile(
+    "default",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
