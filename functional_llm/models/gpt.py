@@ -1,0 +1,232 @@
+"""Decoder-only language models: GPT-2 and Llama from one config.
+
+    h_0 = E[tokens] (+ P[positions])          token (and learned or sinusoidal) embeddings
+    h_l = block_l(h_{l-1}), causal            pre-norm self-attention + MLP, L times
+    logits = norm(h_L) E^T  (or  W_out)       tied (or separate) unembedding
+
+GPT-2 flavour (the defaults): learned positions, LayerNorm, GELU, biases, tied embeddings.
+Llama flavour (:meth:`GPTConfig.llama`): rotary positions, RMSNorm, SwiGLU, no biases,
+grouped-query attention, untied output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from functional_llm import random
+from functional_llm.init import Normal
+from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
+from functional_llm.models.inputs import check_ids, check_like
+from functional_llm.nn import Embedding, Encoder, EncoderBlock, Linear, dropout, key_padding_mask
+from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.positions import positions_like, sinusoidal
+
+__all__ = ["GPT", "GPTConfig"]
+
+_GATED = ("swiglu", "geglu")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Static settings of a decoder-only model; validated on construction."""
+
+    vocab_size: int = 50257
+    max_seq_len: int = 1024
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    positions: str = "learned"
+    norm: str = "layernorm"
+    activation: str = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        check_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads")
+        check_divides(self, "n_heads", "d_model")
+        if self.n_kv_heads is not None:
+            check_positive(self, "n_kv_heads")
+            check_divides(self, "n_kv_heads", "n_heads")
+        if self.d_ff is not None:
+            check_positive(self, "d_ff")
+        check_choice(self, "positions", ("learned", "rope", "sinusoidal", "none"))
+        check_choice(self, "norm", ("layernorm", "rmsnorm"))
+        check_choice(self, "activation", ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"))
+        check_rate(self, "dropout")
+        if self.positions in ("rope", "sinusoidal") and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"GPTConfig.positions={self.positions!r} needs an even head dim")
+        if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("GPTConfig.init_std, norm_eps and rope_theta must be positive")
+
+    @property
+    def ffn_dim(self) -> int:
+        """``d_ff``, else ``4 d_model``; gated MLPs keep the parameter count with ``8/3 d_model``
+        rounded up to a multiple of 64, as Llama does."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.activation in _GATED:
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    @classmethod
+    def gpt2(cls, size: str = "small", **overrides: Any) -> GPTConfig:
+        """GPT-2 ``small`` (124M), ``medium``, ``large`` or ``xl``, with any field overridden."""
+        sizes = {
+            "small": (12, 12, 768),
+            "medium": (24, 16, 1024),
+            "large": (36, 20, 1280),
+            "xl": (48, 25, 1600),
+        }
+        if size not in sizes:
+            raise ValueError(f"GPT-2 size must be one of {', '.join(sizes)}; got {size!r}")
+        n_layers, n_heads, d_model = sizes[size]
+        return cls(**{"n_layers": n_layers, "n_heads": n_heads, "d_model": d_model, **overrides})
+
+    @classmethod
+    def llama(cls, **overrides: Any) -> GPTConfig:
+        """Llama's architecture (RoPE, RMSNorm, SwiGLU, no biases, untied); sizes as overrides."""
+        llama = {
+            "positions": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False,
+            "tie_embeddings": False, "norm_eps": 1e-5, "vocab_size": 32000, "max_seq_len": 2048,
+        }  # fmt: skip
+        return cls(**{**llama, **overrides})
+
+
+@dataclass(frozen=True)
+class GPT(Layer):
+    """A decoder-only Transformer. Params::
+
+    embed.table (vocab, d)   pos.table (max_seq_len, d)   [learned positions only]
+    blocks.{i}.{attn_norm, attn.{q,k,v,o}, mlp_norm, mlp.{up,gate,down}}
+    norm                     unembed.w (d, vocab)          [untied only]
+    """
+
+    config: GPTConfig
+
+    @property
+    def block(self) -> EncoderBlock:
+        c = self.config
+        std = c.init_std
+        return EncoderBlock(
+            c.d_model, c.n_heads, c.ffn_dim, c.n_kv_heads, c.activation, c.dropout, norm_first=True,
+            norm=c.norm, norm_eps=c.norm_eps, bias=c.bias,
+            rope_theta=c.rope_theta if c.positions == "rope" else None,
+            w_init=Normal(std), out_init=Normal(std / math.sqrt(2 * c.n_layers)), dtype=c.dtype,
+        )  # fmt: skip
+
+    @property
+    def stack(self) -> Encoder:
+        return Encoder(self.block, self.config.n_layers, final_norm=True)
+
+    def _parts(self) -> dict[str, Layer]:
+        c = self.config
+        parts: dict[str, Layer] = {
+            "embed": Embedding(c.vocab_size, c.d_model, init_fn=Normal(c.init_std), dtype=c.dtype)
+        }
+        if c.positions == "learned":
+            parts["pos"] = Embedding(
+                c.max_seq_len, c.d_model, (None, "embed"), Normal(c.init_std), c.dtype
+            )
+        if not c.tie_embeddings:
+            parts["unembed"] = Linear(
+                c.d_model,
+                c.vocab_size,
+                False,
+                ("embed",),
+                ("vocab",),
+                Normal(c.init_std),
+                dtype=c.dtype,
+            )
+        return parts
+
+    def init(self, key: torch.Tensor) -> Params:
+        k_stack, *k_parts = random.split(key, 1 + len(self._parts()))
+        params = {
+            name: part.init(k)
+            for (name, part), k in zip(self._parts().items(), k_parts, strict=True)
+        }
+        return {**params, **self.stack.init(k_stack)}
+
+    def axes(self) -> Params:
+        return {**{name: part.axes() for name, part in self._parts().items()}, **self.stack.axes()}
+
+    def hidden_states(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list]:
+        """Final-norm hidden states ``(..., T, d_model)`` for ``tokens: (..., T)``.
+
+        ``valid`` (``(..., T)`` bool, True for real tokens) hides padding from attention;
+        ``positions`` default to ``0..T-1``; ``key`` turns dropout on.
+        """
+        c = self.config
+        check_ids("tokens", tokens, c.max_seq_len)
+        check_like("valid", valid, "tokens", tokens)
+        self.check(params)
+        parts = self._parts()
+        k_embed, k_stack = (None, None) if key is None else random.split(key)
+        pos = positions_like(tokens) if positions is None else positions
+        h = parts["embed"].apply(params["embed"], tokens)
+        if c.positions == "learned":
+            h = h + parts["pos"].apply(params["pos"], pos)
+        elif c.positions == "sinusoidal":
+            h = h + sinusoidal(pos, c.d_model).to(h.dtype)
+        h = dropout(h, c.dropout, k_embed)
+        mask = None if valid is None else key_padding_mask(valid)
+        return self.stack.apply(
+            params,
+            h,
+            mask=mask,
+            causal=True,
+            positions=pos,
+            key=k_stack,
+            return_weights=return_weights,
+        )
+
+    def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
+        """Unembed hidden states: ``(..., d_model) -> (..., vocab)``."""
+        if self.config.tie_embeddings:
+            return self._parts()["embed"].attend(params["embed"], h)
+        return self._parts()["unembed"].apply(params["unembed"], h)
+
+    def apply(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits ``(..., T, vocab)``: position ``t`` sees ``tokens[..., :t+1]`` only."""
+        return self.logits(
+            params, self.hidden_states(params, tokens, valid=valid, positions=positions, key=key)
+        )
+
+    def pool(
+        self, params: Params, h: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One vector per sequence: the hidden state of the last real token."""
+        if valid is None:
+            return h[..., -1, :]
+        last = (valid.long().cumsum(-1).argmax(-1, keepdim=True))[..., None]  # last True index
+        return torch.take_along_dim(h, last.expand(*last.shape[:-1], h.shape[-1]), dim=-2).squeeze(
+            -2
+        )

@@ -1,0 +1,144 @@
+"""Fine-tuning heads on a backbone (:class:`~functional_llm.models.BERT` or
+:class:`~functional_llm.models.GPT`): sequence classification, token classification
+(sequence labelling) and extractive question answering.
+
+Params are ``{"backbone": ..., "head": ...}``, so a pretrained backbone's params drop in and a
+fresh head is trained beside them (``tree.partition`` to freeze one part). A backbone provides
+``hidden_states(params, tokens, valid=, key=, ...)`` and ``pool(params, h, valid)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from functional_llm import random
+from functional_llm.init import Normal
+from functional_llm.models.bert import BERT
+from functional_llm.models.gpt import GPT
+from functional_llm.nn import Linear, dropout
+from functional_llm.nn.module import Layer, Params
+
+__all__ = ["ExtractiveQA", "SequenceClassifier", "SpanLogits", "TokenClassifier"]
+
+Backbone = BERT | GPT
+
+
+def _width(backbone: Backbone) -> int:
+    return backbone.config.d_model
+
+
+@dataclass(frozen=True)
+class _Head(Layer):
+    backbone: Backbone
+    num_labels: int
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_labels <= 0:
+            raise ValueError(
+                f"{type(self).__name__}.num_labels must be positive, got {self.num_labels}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head(self) -> Linear:
+        c = self.backbone.config
+        return Linear(
+            c.d_model, self.num_labels, True, ("embed",), (None,), Normal(c.init_std), dtype=c.dtype
+        )
+
+    def init(self, key: torch.Tensor) -> Params:
+        k_backbone, k_head = random.split(key)
+        return {"backbone": self.backbone.init(k_backbone), "head": self.head.init(k_head)}
+
+    def axes(self) -> Params:
+        return {"backbone": self.backbone.axes(), "head": self.head.axes()}
+
+    def _features(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        valid: torch.Tensor | None,
+        key: torch.Tensor | None,
+        **kw: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k_backbone, k_head = (None, None) if key is None else random.split(key)
+        h = self.backbone.hidden_states(
+            params["backbone"], tokens, valid=valid, key=k_backbone, **kw
+        )
+        return h, k_head
+
+
+@dataclass(frozen=True)
+class SequenceClassifier(_Head):
+    """One label per sequence: ``W dropout(pool(h)) + b`` with the backbone's pooling (BERT's
+    [CLS] pooler, GPT's last real token)."""
+
+    def apply(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+        **kw: Any,
+    ) -> torch.Tensor:
+        """``(..., T)`` ids to ``(..., num_labels)`` logits."""
+        h, k_head = self._features(params, tokens, valid, key, **kw)
+        pooled = self.backbone.pool(params["backbone"], h, valid)
+        return self.head.apply(params["head"], dropout(pooled, self.dropout, k_head))
+
+
+@dataclass(frozen=True)
+class TokenClassifier(_Head):
+    """One label per token (sequence labelling, e.g. BIO tags): ``W dropout(h_t) + b``."""
+
+    def apply(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+        **kw: Any,
+    ) -> torch.Tensor:
+        """``(..., T)`` ids to ``(..., T, num_labels)`` logits."""
+        h, k_head = self._features(params, tokens, valid, key, **kw)
+        return self.head.apply(params["head"], dropout(h, self.dropout, k_head))
+
+
+class SpanLogits(NamedTuple):
+    start: torch.Tensor  # (..., T) score of each token starting the answer
+    end: torch.Tensor  # (..., T) score of each token ending it
+
+
+@dataclass(frozen=True)
+class ExtractiveQA(_Head):
+    """Answer-span scores (SQuAD): a ``(d_model, 2)`` projection gives start and end logits;
+    padded tokens score ``-inf`` so they are never chosen."""
+
+    num_labels: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_labels != 2:
+            raise ValueError(f"ExtractiveQA.num_labels is 2 (start, end), got {self.num_labels}")
+
+    def apply(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+        **kw: Any,
+    ) -> SpanLogits:
+        h, k_head = self._features(params, tokens, valid, key, **kw)
+        logits = self.head.apply(params["head"], dropout(h, self.dropout, k_head))
+        if valid is not None:
+            logits = logits.masked_fill(~valid.bool()[..., None], float("-inf"))
+        return SpanLogits(logits[..., 0], logits[..., 1])

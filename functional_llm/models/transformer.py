@@ -1,0 +1,186 @@
+"""The encoder-decoder Transformer of "Attention is all you need", as the article builds it:
+embeddings, positions, the ``torch.nn.Transformer`` core, an output projection.
+
+    memory = Encoder(sqrt(d) E_src[src] + PE)            bidirectional over the source
+    h      = Decoder(sqrt(d) E_tgt[tgt] + PE, memory)    causal over the target
+    logits = W_out h + b_out                              (..., T, tgt_vocab)
+
+Field names follow ``torch.nn.Transformer`` (``d_model, nhead, num_encoder_layers, ...``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from functional_llm import random
+from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
+from functional_llm.models.inputs import check_ids, check_like
+from functional_llm.nn import (
+    Decoder,
+    DecoderBlock,
+    Embedding,
+    Encoder,
+    EncoderBlock,
+    EncoderDecoder,
+    Linear,
+    dropout,
+    key_padding_mask,
+)
+from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.positions import positions_like, sinusoidal
+
+__all__ = ["Transformer", "TransformerConfig"]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Defaults are the paper's base model and ``torch.nn.Transformer``'s."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 512
+    nhead: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    activation: str = "relu"
+    norm_first: bool = False
+    layer_norm_eps: float = 1e-5
+    max_seq_len: int = 5000
+    positions: str = "sinusoidal"
+    tie_output: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        check_positive(
+            self, "src_vocab_size", "tgt_vocab_size", "d_model", "nhead", "num_encoder_layers",
+            "num_decoder_layers", "dim_feedforward", "max_seq_len",
+        )  # fmt: skip
+        check_divides(self, "nhead", "d_model")
+        check_rate(self, "dropout")
+        check_choice(self, "activation", ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"))
+        check_choice(self, "positions", ("sinusoidal", "learned"))
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ValueError(
+                f"TransformerConfig.d_model must be even with sinusoidal positions: {self.d_model}"
+            )
+
+
+@dataclass(frozen=True)
+class Transformer(Layer):
+    """Params: ``src_embed``, ``tgt_embed`` (and ``src_pos``/``tgt_pos`` if learned),
+    ``encoder``, ``decoder`` (as :class:`~functional_llm.nn.EncoderDecoder`), ``out``."""
+
+    config: TransformerConfig
+
+    @property
+    def core(self) -> EncoderDecoder:
+        c = self.config
+        kw = dict(
+            d_model=c.d_model, n_heads=c.nhead, d_ff=c.dim_feedforward, activation=c.activation,
+            dropout=c.dropout, norm_first=c.norm_first, norm_eps=c.layer_norm_eps, dtype=c.dtype,
+        )  # fmt: skip
+        return EncoderDecoder(
+            Encoder(EncoderBlock(**kw), c.num_encoder_layers),
+            Decoder(DecoderBlock(**kw), c.num_decoder_layers),
+        )
+
+    def _parts(self) -> dict[str, Layer]:
+        c = self.config
+        parts: dict[str, Layer] = {
+            "src_embed": Embedding(
+                c.src_vocab_size, c.d_model, ("src_vocab", "embed"), dtype=c.dtype
+            ),
+            "tgt_embed": Embedding(c.tgt_vocab_size, c.d_model, dtype=c.dtype),
+        }
+        if c.positions == "learned":
+            for side in ("src", "tgt"):
+                parts[f"{side}_pos"] = Embedding(
+                    c.max_seq_len, c.d_model, (None, "embed"), dtype=c.dtype
+                )
+        if not c.tie_output:
+            parts["out"] = Linear(
+                c.d_model, c.tgt_vocab_size, True, ("embed",), ("vocab",), dtype=c.dtype
+            )
+        return parts
+
+    def init(self, key: torch.Tensor) -> Params:
+        parts = self._parts()
+        k_core, *keys = random.split(key, 1 + len(parts))
+        params = {name: part.init(k) for (name, part), k in zip(parts.items(), keys, strict=True)}
+        return {**params, **self.core.init(k_core)}
+
+    def axes(self) -> Params:
+        return {**{name: part.axes() for name, part in self._parts().items()}, **self.core.axes()}
+
+    def _embed(
+        self, params: Params, side: str, ids: torch.Tensor, key: torch.Tensor | None
+    ) -> torch.Tensor:
+        c, parts = self.config, self._parts()
+        check_ids(f"{side} tokens", ids, c.max_seq_len)
+        h = parts[f"{side}_embed"].apply(params[f"{side}_embed"], ids) * math.sqrt(c.d_model)
+        pos = positions_like(ids)
+        if c.positions == "learned":
+            h = h + parts[f"{side}_pos"].apply(params[f"{side}_pos"], pos)
+        else:
+            h = h + sinusoidal(pos, c.d_model).to(h.dtype)
+        return dropout(h, c.dropout, key)
+
+    def encode(
+        self,
+        params: Params,
+        src: torch.Tensor,
+        *,
+        src_valid: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Source ids ``(..., S)`` to the memory ``(..., S, d_model)``."""
+        check_like("src_valid", src_valid, "src", src)
+        k_embed, k_enc = (None, None) if key is None else random.split(key)
+        mask = None if src_valid is None else key_padding_mask(src_valid)
+        h = self._embed(params, "src", src, k_embed)
+        return self.core.encoder.apply(params["encoder"], h, mask=mask, key=k_enc)
+
+    def decode(
+        self,
+        params: Params,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        src_valid: torch.Tensor | None = None,
+        tgt_valid: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Target ids ``(..., T)`` and the memory to logits ``(..., T, tgt_vocab)``."""
+        check_like("tgt_valid", tgt_valid, "tgt", tgt)
+        k_embed, k_dec = (None, None) if key is None else random.split(key)
+        h = self._embed(params, "tgt", tgt, k_embed)
+        h = self.core.decoder.apply(
+            params["decoder"], h, memory, causal=True,
+            mask=None if tgt_valid is None else key_padding_mask(tgt_valid),
+            memory_mask=None if src_valid is None else key_padding_mask(src_valid), key=k_dec,
+        )  # fmt: skip
+        if self.config.tie_output:
+            return self._parts()["tgt_embed"].attend(params["tgt_embed"], h)
+        return self._parts()["out"].apply(params["out"], h)
+
+    def apply(
+        self,
+        params: Params,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        *,
+        src_valid: torch.Tensor | None = None,
+        tgt_valid: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced logits ``(..., T, tgt_vocab)``: position ``t`` sees ``tgt[..., :t+1]``
+        and the whole (unpadded) source."""
+        self.check(params)
+        k_enc, k_dec = (None, None) if key is None else random.split(key)
+        memory = self.encode(params, src, src_valid=src_valid, key=k_enc)
+        return self.decode(params, tgt, memory, src_valid=src_valid, tgt_valid=tgt_valid, key=k_dec)
