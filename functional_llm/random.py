@@ -7,6 +7,12 @@ variant JAX uses). Threefry needs only 32-bit add, rotate and xor, which we do i
 with masking, so draws are bit-identical eagerly, under ``torch.compile`` and under
 ``torch.func.vmap`` (a batch of keys gives independent draws), on any device.
 
+Under ``torch.compile`` the integer work (keys, ``bits``, ``randint``, ``bernoulli``,
+``permutation``) and ``uniform`` are bit-identical to eager. Distributions that go through a
+transcendental function (``normal``: erfinv, ``gumbel``: log) agree to float rounding: the
+compiled kernels for erfinv and log differ from ATen's by a few ulp (measured: erfinv up to
+1.7e-6 absolute on float32 in the tails).
+
 Rules of use, as in JAX: never draw twice from one key; :func:`split` it (or
 :func:`fold_in` a step number) and use each new key once.
 

@@ -76,5 +76,10 @@ class Layer:
         return _shapes(self)
 
     def check(self, params: Params, name: str = "params") -> None:
-        """Raise ``ValueError`` naming the path and both shapes if ``params`` don't fit."""
-        check_tree(params, _shapes(self), name)
+        """Raise ``ValueError`` naming the path and both shapes if ``params`` don't fit.
+
+        Skipped while ``torch.compile`` traces (its meta-device evaluation cannot be traced);
+        run the function once eagerly, or call ``check`` yourself, for the readable error.
+        """
+        if not torch.compiler.is_compiling():
+            check_tree(params, _shapes(self), name)
