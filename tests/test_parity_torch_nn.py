@@ -132,8 +132,8 @@ def test_full_transformer(data, kw, padded):
     tgt_pad = lengths_mask(data.draw, b, t) if padded else None
     bf = kw["batch_first"]
     want = module(
-        to_layout(src, bf), to_layout(tgt, bf), tgt_mask=~causal_mask(t), src_key_padding_mask=src_pad,
-        tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad,
+        to_layout(src, bf), to_layout(tgt, bf), tgt_mask=~causal_mask(t),
+        src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad,
     )  # fmt: skip
     got = model.apply(
         params, src, tgt, src_mask=tnn.mask_from_torch(None, src_pad),
