@@ -19,7 +19,7 @@ class Embedding(Layer):
     num: int
     dim: int
     axes_names: tuple[str | None, str | None] = ("vocab", "embed")
-    init_fn: Initializer = Normal(1.0)  # torch.nn.Embedding's default
+    init_fn: Initializer | None = None  # None: N(0, 1), torch.nn.Embedding's default
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -29,7 +29,8 @@ class Embedding(Layer):
             )
 
     def init(self, key: torch.Tensor) -> Params:
-        return {"table": self.init_fn(key, (self.num, self.dim), self.dtype)}
+        init_fn = self.init_fn or Normal(1.0)
+        return {"table": init_fn(key, (self.num, self.dim), self.dtype)}
 
     def axes(self) -> Params:
         return {"table": self.axes_names}

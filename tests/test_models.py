@@ -1,0 +1,219 @@
+"""Model families: causality, padding, keys and dropout, sizes, configs and input errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import functional_llm as fl
+from functional_llm import models, random
+from tests.models_zoo import DECODERS, VOCAB, bert, gpt2, llama, tokens, transformer
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+seeds = st.integers(0, 2**32 - 1)
+
+
+@given(
+    seed=seeds, flavour=st.sampled_from(sorted(DECODERS)), length=st.integers(2, 16), data=st.data()
+)
+def test_gpt_logits_before_t_ignore_tokens_from_t_on(seed, flavour, length, data):
+    model = DECODERS[flavour]()
+    params = model.init(random.key(seed))
+    t = data.draw(st.integers(1, length - 1))
+    x = tokens(seed, (2, length))
+    edited = torch.cat([x[:, :t], tokens(seed + 1, (2, length - t))], dim=1)
+    a, b = model.apply(params, x), model.apply(params, edited)
+    torch.testing.assert_close(a[:, :t], b[:, :t], **TOL)
+
+
+@given(seed=seeds, flavour=st.sampled_from(sorted(DECODERS)), data=st.data())
+def test_gpt_left_padding_is_invisible(seed, flavour, data):
+    model = DECODERS[flavour]()
+    params = model.init(random.key(seed))
+    n_pad = data.draw(st.integers(1, 4))
+    x = tokens(seed, (1, 8))
+    valid = torch.arange(8) >= n_pad
+    edited = torch.where(valid, x, tokens(seed + 1, (1, 8)))
+    positions = (torch.arange(8) - n_pad).clamp(min=0)  # real tokens start at position 0
+    a = model.apply(params, x, valid=valid[None], positions=positions)
+    b = model.apply(params, edited, valid=valid[None], positions=positions)
+    torch.testing.assert_close(a[:, valid], b[:, valid], **TOL)
+    if flavour == "llama":  # with rotary positions, left padding equals the unpadded sequence
+        c = model.apply(params, x[:, n_pad:])
+        torch.testing.assert_close(a[:, valid], c, **TOL)
+
+
+@given(seed=seeds, data=st.data())
+def test_bert_padding_is_invisible(seed, data):
+    model = bert()
+    params = model.init(random.key(seed))
+    n_real = data.draw(st.integers(1, 7))
+    x = tokens(seed, (2, 8))
+    valid = (torch.arange(8) < n_real).expand(2, 8)
+    edited = torch.where(valid, x, tokens(seed + 1, (2, 8)))
+    types = (torch.arange(8) >= n_real // 2).long().expand(2, 8)
+    a, b = (model.apply(params, t, types, valid=valid) for t in (x, edited))
+    torch.testing.assert_close(a.hidden[valid], b.hidden[valid], **TOL)
+    torch.testing.assert_close(a.pooled, b.pooled, **TOL)
+
+
+@given(seed=seeds, data=st.data())
+def test_transformer_source_padding_and_target_causality(seed, data):
+    model = transformer()
+    params = model.init(random.key(seed))
+    src, tgt = tokens(seed, (2, 7)), tokens(seed + 1, (2, 6), VOCAB + 2)
+    n_src, t = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 5))
+    src_valid = (torch.arange(7) < n_src).expand(2, 7)
+    src2 = torch.where(src_valid, src, tokens(seed + 2, (2, 7)))
+    tgt2 = torch.cat([tgt[:, :t], tokens(seed + 3, (2, 6 - t), VOCAB + 2)], dim=1)
+    a = model.apply(params, src, tgt, src_valid=src_valid)
+    b = model.apply(params, src2, tgt2, src_valid=src_valid)
+    torch.testing.assert_close(a[:, :t], b[:, :t], **TOL)
+    assert a.shape == (2, 6, VOCAB + 2)
+
+
+def test_gpt2_small_has_124_439_808_parameters():
+    model = models.GPT(models.GPTConfig.gpt2("small"))
+    assert fl.tree.size(model.shapes()) == 124_439_808
+    assert fl.tree.size(fl.nn.eval_shape(model.init, random.key(0))) == 124_439_808
+
+
+def test_bert_base_matches_the_published_layout():
+    # BertForPreTraining: 109,482,240 in the encoder and pooler plus the MLM transform,
+    # its LayerNorm, the MLM output bias and the NSP classifier.
+    size = fl.tree.size(models.BERT(models.BERTConfig.base()).shapes())
+    assert size == 109_482_240 + (768 * 768 + 768) + 2 * 768 + 30522 + (768 * 2 + 2)
+
+
+FAMILIES = {"gpt2": gpt2, "llama": llama, "bert": bert, "transformer": transformer}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_same_key_same_params_different_keys_differ(name):
+    model = FAMILIES[name]()
+    a, b, c = model.init(random.key(7)), model.init(random.key(7)), model.init(random.key(8))
+    for path, x in fl.tree.flatten(a).items():
+        assert torch.equal(x, fl.tree.flatten(b)[path]), path
+    random_leaves = [p for p, x in fl.tree.flatten(a).items() if x.unique().numel() > 1]
+    assert random_leaves, "every param is a constant"
+    for path in random_leaves:
+        assert not torch.equal(fl.tree.flatten(a)[path], fl.tree.flatten(c)[path]), path
+
+
+def _run(model, params, key):
+    x = tokens(0, (2, 8))
+    if isinstance(model, models.Transformer):
+        return model.apply(params, x, tokens(1, (2, 5)), key=key)
+    out = model.apply(params, x, key=key)
+    return out.hidden if isinstance(out, models.BERTOutput) else out
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_dropout_masks_follow_the_key_and_no_key_means_no_dropout(name):
+    field = "dropout"
+    with_dropout, without = FAMILIES[name](**{field: 0.3}), FAMILIES[name](**{field: 0.0})
+    params = with_dropout.init(random.key(0))
+    k = random.key(1)
+    assert torch.equal(_run(with_dropout, params, k), _run(with_dropout, params, k))
+    assert not torch.allclose(
+        _run(with_dropout, params, k), _run(with_dropout, params, random.key(2))
+    )
+    torch.testing.assert_close(
+        _run(with_dropout, params, None), _run(without, params, None), atol=0, rtol=0
+    )
+
+
+def test_tied_and_untied_unembedding():
+    tied, untied = gpt2(), gpt2(tie_embeddings=False)
+    p = tied.init(random.key(0))
+    h = tied.hidden_states(p, tokens(0, (1, 4)))
+    torch.testing.assert_close(tied.apply(p, tokens(0, (1, 4))), h @ p["embed"]["table"].T)
+    assert "unembed" not in p and "unembed" in untied.init(random.key(0))
+
+
+def test_bert_heads_shapes_and_tying():
+    model = bert()
+    p = model.init(random.key(0))
+    out = model.apply(p, tokens(0, (3, 5)))
+    logits = model.mlm_logits(p, out.hidden)
+    assert logits.shape == (3, 5, VOCAB) and model.nsp_logits(p, out.pooled).shape == (3, 2)
+    p2 = fl.tree.map(lambda x: x, p)
+    p2["embed"] = {"table": p["embed"]["table"] * 2}
+    assert not torch.allclose(model.mlm_logits(p2, out.hidden), logits)  # the MLM decoder is tied
+
+
+@pytest.mark.parametrize("backbone", ["bert", "gpt2"])
+def test_task_heads(backbone):
+    body = FAMILIES[backbone]()
+    x = tokens(0, (2, 6))
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    for head, shape in [
+        (models.SequenceClassifier(body, 3), (2, 3)),
+        (models.TokenClassifier(body, 5), (2, 6, 5)),
+    ]:
+        p = head.init(random.key(0))
+        assert head.apply(p, x, valid=valid).shape == shape
+    qa = models.ExtractiveQA(body)
+    p = qa.init(random.key(0))
+    spans = qa.apply(p, x, valid=valid)
+    assert spans.start.shape == spans.end.shape == (2, 6)
+    assert torch.isinf(spans.start[1, 4:]).all() and torch.isfinite(spans.start[1, :4]).all()
+
+
+def test_gpt_classifier_pools_the_last_real_token():
+    body = gpt2()
+    head = models.SequenceClassifier(body, 3)
+    p = head.init(random.key(0))
+    x = tokens(0, (1, 6))
+    valid = torch.tensor([[True] * 4 + [False] * 2])
+    torch.testing.assert_close(head.apply(p, x, valid=valid), head.apply(p, x[:, :4]), **TOL)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: models.GPTConfig(vocab_size=0), "GPTConfig.vocab_size"),
+        (lambda: models.GPTConfig(d_model=100, n_heads=12), "GPTConfig.n_heads"),
+        (lambda: models.GPTConfig(n_kv_heads=5), "GPTConfig.n_kv_heads"),
+        (lambda: models.GPTConfig(positions="alibi"), "GPTConfig.positions"),
+        (lambda: models.GPTConfig(dropout=1.0), "GPTConfig.dropout"),
+        (lambda: models.GPTConfig.gpt2("huge"), "GPT-2 size"),
+        (lambda: models.BERTConfig(n_layers=-1), "BERTConfig.n_layers"),
+        (lambda: models.BERTConfig(activation="swish"), "BERTConfig.activation"),
+        (lambda: models.TransformerConfig(10, 10, d_model=30, nhead=4), "TransformerConfig.nhead"),
+        (lambda: models.TransformerConfig(10, 10, positions="rope"), "TransformerConfig.positions"),
+    ],
+)
+def test_bad_configs_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        make()
+
+
+def test_configs_are_frozen_and_hashable():
+    cfg = models.GPTConfig()
+    assert hash(cfg) == hash(models.GPTConfig()) and cfg == models.GPTConfig()
+    with pytest.raises(AttributeError):
+        cfg.d_model = 1
+
+
+def test_bad_inputs_name_the_argument_and_shapes():
+    model = gpt2()
+    p = model.init(random.key(0))
+    with pytest.raises(
+        TypeError, match=r"tokens must hold integer token ids, got dtype torch\.float32"
+    ):
+        model.apply(p, torch.zeros(1, 4))
+    with pytest.raises(
+        ValueError, match=r"tokens has length 17 \(shape \(1, 17\)\) > max_seq_len 16"
+    ):
+        model.apply(p, torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"valid has shape \(1, 3\) but tokens has shape \(1, 4\)"):
+        model.apply(
+            p, torch.zeros(1, 4, dtype=torch.long), valid=torch.ones(1, 3, dtype=torch.bool)
+        )
+    p["blocks"][1]["attn"]["q"]["w"] = torch.zeros(16, 2, 4)
+    with pytest.raises(
+        ValueError,
+        match=r"params\.blocks\.1\.attn\.q\.w: expected shape \(16, 2, 8\), got \(16, 2, 4\)",
+    ):
+        model.apply(p, torch.zeros(1, 4, dtype=torch.long))
