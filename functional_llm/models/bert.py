@@ -28,7 +28,7 @@ from functional_llm.nn import (
     dropout,
     key_padding_mask,
 )
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like
 
 __all__ = ["BERT", "BERTConfig", "BERTOutput"]
@@ -117,15 +117,14 @@ class BERT(Layer):
         }
 
     def init(self, key: torch.Tensor) -> Params:
-        parts = self._parts()
-        k_stack, *keys = random.split(key, 1 + len(parts))
-        p = {name: part.init(k) for (name, part), k in zip(parts.items(), keys, strict=True)}
+        k_parts, k_stack = random.split(key)
+        p = init_all(self._parts(), k_parts)
         mlm_bias = torch.zeros(self.config.vocab_size, dtype=self.config.dtype, device=key.device)
         mlm = {"transform": p.pop("mlm_transform"), "norm": p.pop("mlm_norm"), "bias": mlm_bias}
         return {**p, **self.stack.init(k_stack), "mlm": mlm}
 
     def axes(self) -> Params:
-        a = {name: part.axes() for name, part in self._parts().items()}
+        a = axes_of(self._parts())
         mlm = {"transform": a.pop("mlm_transform"), "norm": a.pop("mlm_norm"), "bias": ("vocab",)}
         return {**a, **self.stack.axes(), "mlm": mlm}
 
@@ -146,7 +145,7 @@ class BERT(Layer):
         check_like("valid", valid, "tokens", tokens)
         self.check(params)
         parts = self._parts()
-        k_embed, k_stack = (None, None) if key is None else random.split(key)
+        k_embed, k_stack = maybe_split(key)
         types = torch.zeros_like(tokens) if token_types is None else token_types
         h = (
             parts["embed"].apply(params["embed"], tokens)

@@ -22,7 +22,7 @@ from functional_llm.init import Normal
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
 from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.nn import Embedding, Encoder, EncoderBlock, Linear, dropout, key_padding_mask
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like, sinusoidal
 
 __all__ = ["GPT", "GPTConfig"]
@@ -151,15 +151,11 @@ class GPT(Layer):
         return parts
 
     def init(self, key: torch.Tensor) -> Params:
-        k_stack, *k_parts = random.split(key, 1 + len(self._parts()))
-        params = {
-            name: part.init(k)
-            for (name, part), k in zip(self._parts().items(), k_parts, strict=True)
-        }
-        return {**params, **self.stack.init(k_stack)}
+        k_parts, k_stack = random.split(key)
+        return {**init_all(self._parts(), k_parts), **self.stack.init(k_stack)}
 
     def axes(self) -> Params:
-        return {**{name: part.axes() for name, part in self._parts().items()}, **self.stack.axes()}
+        return {**axes_of(self._parts()), **self.stack.axes()}
 
     def hidden_states(
         self,
@@ -181,7 +177,7 @@ class GPT(Layer):
         check_like("valid", valid, "tokens", tokens)
         self.check(params)
         parts = self._parts()
-        k_embed, k_stack = (None, None) if key is None else random.split(key)
+        k_embed, k_stack = maybe_split(key)
         pos = positions_like(tokens) if positions is None else positions
         h = parts["embed"].apply(params["embed"], tokens)
         if c.positions == "learned":

@@ -14,20 +14,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functional_llm import random
 from functional_llm.init import Normal
 from functional_llm.models.bert import BERT
 from functional_llm.models.gpt import GPT
 from functional_llm.nn import Linear, dropout
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 
 __all__ = ["ExtractiveQA", "SequenceClassifier", "SpanLogits", "TokenClassifier"]
 
 Backbone = BERT | GPT
-
-
-def _width(backbone: Backbone) -> int:
-    return backbone.config.d_model
+Key = torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -52,63 +48,50 @@ class _Head(Layer):
         )
 
     def init(self, key: torch.Tensor) -> Params:
-        k_backbone, k_head = random.split(key)
-        return {"backbone": self.backbone.init(k_backbone), "head": self.head.init(k_head)}
+        return init_all({"backbone": self.backbone, "head": self.head}, key)
 
     def axes(self) -> Params:
-        return {"backbone": self.backbone.axes(), "head": self.head.axes()}
+        return axes_of({"backbone": self.backbone, "head": self.head})
 
-    def _features(
+    def apply(
         self,
         params: Params,
         tokens: torch.Tensor,
-        valid: torch.Tensor | None,
-        key: torch.Tensor | None,
+        *,
+        valid: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
         **kw: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        k_backbone, k_head = (None, None) if key is None else random.split(key)
+    ) -> Any:
+        """Backbone features of ``tokens: (..., T)``, then the head; ``kw`` goes to the backbone
+        (e.g. BERT's ``token_types``), ``key`` turns dropout on."""
+        k_backbone, k_head = maybe_split(key)
         h = self.backbone.hidden_states(
             params["backbone"], tokens, valid=valid, key=k_backbone, **kw
         )
-        return h, k_head
+        return self._output(params, h, valid, k_head)
 
 
 @dataclass(frozen=True)
 class SequenceClassifier(_Head):
-    """One label per sequence: ``W dropout(pool(h)) + b`` with the backbone's pooling (BERT's
-    [CLS] pooler, GPT's last real token)."""
+    """One label per sequence, ``(..., num_labels)`` logits: ``W dropout(pool(h)) + b`` with the
+    backbone's pooling (BERT's [CLS] pooler, GPT's last real token)."""
 
-    def apply(
-        self,
-        params: Params,
-        tokens: torch.Tensor,
-        *,
-        valid: torch.Tensor | None = None,
-        key: torch.Tensor | None = None,
-        **kw: Any,
+    def _output(
+        self, params: Params, h: torch.Tensor, valid: torch.Tensor | None, key: Key
     ) -> torch.Tensor:
-        """``(..., T)`` ids to ``(..., num_labels)`` logits."""
-        h, k_head = self._features(params, tokens, valid, key, **kw)
         pooled = self.backbone.pool(params["backbone"], h, valid)
-        return self.head.apply(params["head"], dropout(pooled, self.dropout, k_head))
+        return self.head.apply(params["head"], dropout(pooled, self.dropout, key))
 
 
 @dataclass(frozen=True)
 class TokenClassifier(_Head):
-    """One label per token (sequence labelling, e.g. BIO tags): ``W dropout(h_t) + b``."""
+    """One label per token (sequence labelling, e.g. BIO tags), ``(..., T, num_labels)`` logits:
+    ``W dropout(h_t) + b``."""
 
-    def apply(
-        self,
-        params: Params,
-        tokens: torch.Tensor,
-        *,
-        valid: torch.Tensor | None = None,
-        key: torch.Tensor | None = None,
-        **kw: Any,
+    def _output(
+        self, params: Params, h: torch.Tensor, valid: torch.Tensor | None, key: Key
     ) -> torch.Tensor:
-        """``(..., T)`` ids to ``(..., T, num_labels)`` logits."""
-        h, k_head = self._features(params, tokens, valid, key, **kw)
-        return self.head.apply(params["head"], dropout(h, self.dropout, k_head))
+        return self.head.apply(params["head"], dropout(h, self.dropout, key))
 
 
 class SpanLogits(NamedTuple):
@@ -128,17 +111,10 @@ class ExtractiveQA(_Head):
         if self.num_labels != 2:
             raise ValueError(f"ExtractiveQA.num_labels is 2 (start, end), got {self.num_labels}")
 
-    def apply(
-        self,
-        params: Params,
-        tokens: torch.Tensor,
-        *,
-        valid: torch.Tensor | None = None,
-        key: torch.Tensor | None = None,
-        **kw: Any,
+    def _output(
+        self, params: Params, h: torch.Tensor, valid: torch.Tensor | None, key: Key
     ) -> SpanLogits:
-        h, k_head = self._features(params, tokens, valid, key, **kw)
-        logits = self.head.apply(params["head"], dropout(h, self.dropout, k_head))
+        logits = self.head.apply(params["head"], dropout(h, self.dropout, key))
         if valid is not None:
             logits = logits.masked_fill(~valid.bool()[..., None], float("-inf"))
         return SpanLogits(logits[..., 0], logits[..., 1])

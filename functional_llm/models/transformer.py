@@ -29,7 +29,7 @@ from functional_llm.nn import (
     dropout,
     key_padding_mask,
 )
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like, sinusoidal
 
 __all__ = ["Transformer", "TransformerConfig"]
@@ -109,13 +109,11 @@ class Transformer(Layer):
         return parts
 
     def init(self, key: torch.Tensor) -> Params:
-        parts = self._parts()
-        k_core, *keys = random.split(key, 1 + len(parts))
-        params = {name: part.init(k) for (name, part), k in zip(parts.items(), keys, strict=True)}
-        return {**params, **self.core.init(k_core)}
+        k_parts, k_core = random.split(key)
+        return {**init_all(self._parts(), k_parts), **self.core.init(k_core)}
 
     def axes(self) -> Params:
-        return {**{name: part.axes() for name, part in self._parts().items()}, **self.core.axes()}
+        return {**axes_of(self._parts()), **self.core.axes()}
 
     def _embed(
         self, params: Params, side: str, ids: torch.Tensor, key: torch.Tensor | None
@@ -140,7 +138,7 @@ class Transformer(Layer):
     ) -> torch.Tensor:
         """Source ids ``(..., S)`` to the memory ``(..., S, d_model)``."""
         check_like("src_valid", src_valid, "src", src)
-        k_embed, k_enc = (None, None) if key is None else random.split(key)
+        k_embed, k_enc = maybe_split(key)
         mask = None if src_valid is None else key_padding_mask(src_valid)
         h = self._embed(params, "src", src, k_embed)
         return self.core.encoder.apply(params["encoder"], h, mask=mask, key=k_enc)
@@ -157,7 +155,7 @@ class Transformer(Layer):
     ) -> torch.Tensor:
         """Target ids ``(..., T)`` and the memory to logits ``(..., T, tgt_vocab)``."""
         check_like("tgt_valid", tgt_valid, "tgt", tgt)
-        k_embed, k_dec = (None, None) if key is None else random.split(key)
+        k_embed, k_dec = maybe_split(key)
         h = self._embed(params, "tgt", tgt, k_embed)
         h = self.core.decoder.apply(
             params["decoder"], h, memory, causal=True,
@@ -181,6 +179,6 @@ class Transformer(Layer):
         """Teacher-forced logits ``(..., T, tgt_vocab)``: position ``t`` sees ``tgt[..., :t+1]``
         and the whole (unpadded) source."""
         self.check(params)
-        k_enc, k_dec = (None, None) if key is None else random.split(key)
+        k_enc, k_dec = maybe_split(key)
         memory = self.encode(params, src, src_valid=src_valid, key=k_enc)
         return self.decode(params, tgt, memory, src_valid=src_valid, tgt_valid=tgt_valid, key=k_dec)

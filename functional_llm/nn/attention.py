@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from functional_llm import random
 from functional_llm.init import Initializer
 from functional_llm.nn.dropout import dropout
 from functional_llm.nn.linear import Linear
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all
 from functional_llm.nn.positions import positions_like, rope
 
 __all__ = ["MultiHeadAttention", "causal_mask", "key_padding_mask"]
@@ -102,11 +101,10 @@ class MultiHeadAttention(Layer):
         )  # fmt: skip
 
     def init(self, key: torch.Tensor) -> Params:
-        keys = random.split(key, 4)
-        return {name: self._proj(name).init(k) for name, k in zip("qkvo", keys, strict=True)}
+        return init_all({name: self._proj(name) for name in "qkvo"}, key)
 
     def axes(self) -> Params:
-        return {name: self._proj(name).axes() for name in "qkvo"}
+        return axes_of({name: self._proj(name) for name in "qkvo"})
 
     def apply(
         self,

@@ -17,21 +17,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from functional_llm import random
 from functional_llm.init import Initializer
 from functional_llm.nn.attention import MultiHeadAttention
 from functional_llm.nn.dropout import dropout
 from functional_llm.nn.mlp import MLP
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
 
 __all__ = ["DecoderBlock", "EncoderBlock"]
 
 Key = torch.Tensor | None
-
-
-def _keys(key: Key, n: int) -> list[Key]:
-    return [None] * n if key is None else list(random.split(key, n))
 
 
 @dataclass(frozen=True)
@@ -83,12 +78,10 @@ class EncoderBlock(Layer):
         }
 
     def init(self, key: torch.Tensor) -> Params:
-        layers = self._sublayers()
-        keys = random.split(key, len(layers))
-        return {name: layer.init(k) for (name, layer), k in zip(layers.items(), keys, strict=True)}
+        return init_all(self._sublayers(), key)
 
     def axes(self) -> Params:
-        return {name: layer.axes() for name, layer in self._sublayers().items()}
+        return axes_of(self._sublayers())
 
     def _residual(
         self,
@@ -117,7 +110,7 @@ class EncoderBlock(Layer):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(..., T, d_model) -> (..., T, d_model)``; ``mask`` is the self-attention mask. With
         ``return_weights`` also returns ``{"attn": (..., heads, T, T)}`` attention weights."""
-        k_attn, k_attn_out, k_mlp, k_mlp_out = _keys(key, 4)
+        k_attn, k_attn_out, k_mlp, k_mlp_out = maybe_split(key, 4)
         weights: dict[str, torch.Tensor] = {}
         attend = self._attend(
             params,
@@ -192,7 +185,7 @@ class DecoderBlock(EncoderBlock):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``mask``/``causal`` restrict self-attention, ``memory_mask`` cross-attention; with
         ``return_weights`` also returns ``{"attn": ..., "cross": ...}`` attention weights."""
-        k_self, k_self_out, k_cross, k_cross_out, k_mlp, k_mlp_out = _keys(key, 6)
+        k_self, k_self_out, k_cross, k_cross_out, k_mlp, k_mlp_out = maybe_split(key, 6)
         weights: dict[str, torch.Tensor] = {}
         attend = self._attend(
             params,

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from functional_llm import random
 from functional_llm.init import Initializer
 from functional_llm.nn.dropout import dropout
 from functional_llm.nn.linear import Linear
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all
 
 __all__ = ["ACTIVATIONS", "MLP"]
 
@@ -71,12 +70,10 @@ class MLP(Layer):
         return {"up": up, "gate": up, "down": down} if self.gated else {"up": up, "down": down}
 
     def init(self, key: torch.Tensor) -> Params:
-        layers = self._layers()
-        keys = random.split(key, len(layers))
-        return {name: layer.init(k) for (name, layer), k in zip(layers.items(), keys, strict=True)}
+        return init_all(self._layers(), key)
 
     def axes(self) -> Params:
-        return {name: layer.axes() for name, layer in self._layers().items()}
+        return axes_of(self._layers())
 
     def apply(
         self, params: Params, x: torch.Tensor, key: torch.Tensor | None = None

@@ -15,6 +15,7 @@ A layer is a frozen dataclass of its static settings with three methods:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import optree
@@ -22,7 +23,7 @@ import torch
 
 from functional_llm import random, tree
 
-__all__ = ["Layer", "check_tree", "eval_shape"]
+__all__ = ["Layer", "axes_of", "check_tree", "eval_shape", "init_all", "maybe_split"]
 
 Params = Any
 
@@ -66,6 +67,22 @@ def check_tree(params: Params, expected: Params, name: str = "params") -> None:
         if p in want and getattr(x, "shape", None) != want[p].shape
     ]
     raise ValueError("parameters do not fit the layer:\n  " + "\n  ".join(problems))
+
+
+def init_all(layers: Mapping[str, Any], key: torch.Tensor) -> Params:
+    """``{name: layer.init(k)}`` with one key split off ``key`` per named sub-layer."""
+    keys = random.split(key, len(layers))
+    return {name: layer.init(k) for (name, layer), k in zip(layers.items(), keys, strict=True)}
+
+
+def axes_of(layers: Mapping[str, Any]) -> Params:
+    """``{name: layer.axes()}`` for named sub-layers."""
+    return {name: layer.axes() for name, layer in layers.items()}
+
+
+def maybe_split(key: torch.Tensor | None, n: int = 2) -> list[torch.Tensor | None]:
+    """``n`` keys split from ``key``, or ``n`` Nones when there is no key (no dropout)."""
+    return [None] * n if key is None else list(random.split(key, n))
 
 
 class Layer:

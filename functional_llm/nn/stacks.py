@@ -14,7 +14,7 @@ import torch
 
 from functional_llm import random
 from functional_llm.nn.blocks import DecoderBlock, EncoderBlock, Key
-from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 
 __all__ = ["Decoder", "Encoder", "EncoderDecoder"]
 
@@ -71,7 +71,7 @@ class Encoder(Layer):
         self, params: Params, x: torch.Tensor, run: Any, key: Key, return_weights: bool
     ) -> Any:
         """``x = run(block_params, x, key)`` through the blocks, then the final norm."""
-        keys = [None] * self.n_layers if key is None else random.split(key, self.n_layers)
+        keys = maybe_split(key, self.n_layers)
         weights = []
         for block_params, k in zip(params["blocks"], keys, strict=True):
             x = run(block_params, x, k)
@@ -121,11 +121,10 @@ class EncoderDecoder(Layer):
     decoder: Decoder
 
     def init(self, key: torch.Tensor) -> Params:
-        k_enc, k_dec = random.split(key)
-        return {"encoder": self.encoder.init(k_enc), "decoder": self.decoder.init(k_dec)}
+        return init_all({"encoder": self.encoder, "decoder": self.decoder}, key)
 
     def axes(self) -> Params:
-        return {"encoder": self.encoder.axes(), "decoder": self.decoder.axes()}
+        return axes_of({"encoder": self.encoder, "decoder": self.decoder})
 
     def apply(
         self,
@@ -140,7 +139,7 @@ class EncoderDecoder(Layer):
         key: Key = None,
     ) -> torch.Tensor:
         """``src: (..., S, d)``, ``tgt: (..., T, d)`` to ``(..., T, d)``."""
-        k_enc, k_dec = (None, None) if key is None else random.split(key)
+        k_enc, k_dec = maybe_split(key)
         memory = self.encoder.apply(params["encoder"], src, mask=src_mask, key=k_enc)
         return self.decoder.apply(
             params["decoder"],
