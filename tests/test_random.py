@@ -40,6 +40,18 @@ def test_threefry_does_not_modify_its_arguments():
         assert torch.equal(t, b)
 
 
+def test_long_draws_equal_one_cipher_call():
+    """Eager draws are computed in chunks; the words are those of one call over all counters."""
+    k = R.key(5)
+    n = 2 * R._CHUNK + 7
+    half = (n + 1) // 2
+    counter = torch.arange(half)
+    y0, y1 = R.threefry2x32(k, counter, torch.zeros_like(counter))
+    assert torch.equal(R.bits(k, (n,)), torch.cat([y0, y1])[:n])
+    keys = R.split(k, 2)  # and with a batch of keys
+    assert torch.equal(R.bits(keys, (n,))[1], R.bits(keys[1], (n,)))
+
+
 def test_key_from_seed_uses_all_64_bits():
     assert torch.equal(R.key(0), as_key(0, 0))
     assert torch.equal(R.key(2**40 + 7), as_key(2**8, 7))
