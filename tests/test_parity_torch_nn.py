@@ -1,5 +1,6 @@
 """Our layers equal torch.nn's with the same weights, in eval mode, within 1e-5 (fp32)."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -52,6 +53,18 @@ def test_multihead_attention(data, d, batch_first, causal, padded):
     torch.testing.assert_close(got, to_layout(want, batch_first), **TOL)
     torch.testing.assert_close(got2, got, **TOL)
     torch.testing.assert_close(got_w, want_w, **TOL)
+
+
+def test_mask_conversion():
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(
+        3
+    )  # float, -inf above the diagonal
+    pad = torch.tensor([[False, False, True]])
+    want = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(tnn.mask_from_torch(causal, pad)[0, 0], want)
+    assert torch.equal(tnn.mask_from_torch(causal != 0), ~(causal != 0))
+    with pytest.raises(ValueError, match="bias, not a mask"):
+        tnn.mask_from_torch(torch.full((2, 2), 0.5))
 
 
 @given(data=st.data(), d=dims())

@@ -48,6 +48,12 @@ def mask_from_torch(
     """torch's ``attn_mask`` (``(T, S)`` boolean, True = forbidden, or additive float with
     ``-inf``) and ``key_padding_mask`` (``(B, S)``, True = padding) to our boolean mask."""
     allowed = None
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        finite = attn_mask[attn_mask != float("-inf")]
+        if (finite != 0).any():
+            raise ValueError(
+                "an additive attn_mask with values other than 0 and -inf is a bias, not a mask"
+            )
     if attn_mask is not None:
         allowed = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
     if key_padding_mask is not None:
