@@ -71,7 +71,9 @@ class Linear(Layer):
 
     def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         n_in, out = len(_tuple(self.in_dims)), _tuple(self.out_dims)
-        w = params["w"]
-        y = x.flatten(-n_in) @ w.reshape(self.fan_in, -1) if n_in > 1 or len(out) > 1 else x @ w
-        y = y.unflatten(-1, out) if len(out) > 1 else y
-        return y + params["b"] if self.bias else y
+        lead = x.shape[: x.ndim - n_in]
+        x2 = x.reshape(-1, self.fan_in)
+        w2 = params["w"].reshape(self.fan_in, -1)
+        # One addmm (as torch.nn.Linear does) rather than a matmul and a separate add.
+        y = torch.addmm(params["b"].reshape(-1), x2, w2) if self.bias else x2 @ w2
+        return y.reshape(*lead, *out)
