@@ -140,7 +140,7 @@ def bits(k: torch.Tensor, shape: Shape = ()) -> torch.Tensor:
     half = (n + 1) // 2
     y0, y1 = _encrypt_counters(k, torch.arange(half, dtype=torch.int64, device=k.device), _DRAW)
     words = torch.cat([y0, y1], dim=-1)[..., :n]
-    return words.reshape(*k.shape[:-1], *shape)
+    return words.reshape((*k.shape[:-1], *shape))
 
 
 def _grid(k: torch.Tensor, shape: Shape, dtype: torch.dtype, m: int) -> torch.Tensor:

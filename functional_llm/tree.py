@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import optree
@@ -30,6 +30,7 @@ __all__ = [
     "map",
     "map_with_path",
     "mask",
+    "matches",
     "nbytes",
     "partition",
     "paths",
@@ -116,7 +117,8 @@ def _lists_from_digit_dicts(node: Any) -> Any:
     return children
 
 
-def _matches(path: str, patterns: Iterable[Pattern]) -> bool:
+def matches(path: str, *patterns: Pattern) -> bool:
+    """Whether a dotted path matches any glob (whole path) or regex (searched) pattern."""
     for pattern in patterns:
         if isinstance(pattern, re.Pattern):
             if pattern.search(path):
@@ -132,12 +134,12 @@ def mask(tree: PyTree, *patterns: Pattern) -> PyTree:
     A string pattern is a glob over the whole dotted path (``*`` also crosses dots:
     ``"*.norm*"``, ``"blocks.[01].*"``); a compiled ``re.Pattern`` is searched anywhere in it.
     """
-    return map_with_path(lambda path, _: _matches(path, patterns), tree)
+    return map_with_path(lambda path, _: matches(path, *patterns), tree)
 
 
 def select(tree: PyTree, *patterns: Pattern) -> dict[str, Any]:
     """``{path: leaf}`` for the leaves whose path matches any pattern (see :func:`mask`)."""
-    return {p: x for p, x in flatten(tree).items() if _matches(p, patterns)}
+    return {p: x for p, x in flatten(tree).items() if matches(p, *patterns)}
 
 
 def partition(tree: PyTree, where: PyTree | Callable[[str, Any], bool]) -> tuple[PyTree, PyTree]:

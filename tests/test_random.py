@@ -52,6 +52,12 @@ def test_long_draws_equal_one_cipher_call():
     assert torch.equal(R.bits(keys, (n,))[1], R.bits(keys[1], (n,)))
 
 
+def test_scalar_draws():
+    k = R.key(3)
+    assert R.bits(k).shape == () and R.normal(k).shape == () and R.uniform(k, ()).shape == ()
+    assert R.uniform(R.split(k, 4)).shape == (4,)
+
+
 def test_key_from_seed_uses_all_64_bits():
     assert torch.equal(R.key(0), as_key(0, 0))
     assert torch.equal(R.key(2**40 + 7), as_key(2**8, 7))

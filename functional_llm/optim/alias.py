@@ -1,0 +1,178 @@
+"""The usual optimizers, each a :func:`chain` of transforms.
+
+The update rules and defaults follow ``torch.optim`` where it has the optimizer (``sgd``,
+``adam``, ``adamw``, ``rmsprop``, ``adagrad``; checked step by step in the tests) and the
+papers otherwise (``lion``, ``adafactor``, ``lamb``). ``learning_rate`` is a number, a
+0-dim tensor or a schedule; every numeric hyperparameter may be a tensor, as
+:func:`inject_hyperparams` provides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from functional_llm.optim.base import GradientTransformation, ScalarOrSchedule, chain, identity
+from functional_llm.optim.combinators import MaskOrFn, masked
+from functional_llm.optim.factored import (
+    clip_by_block_rms,
+    scale_by_factored_rms,
+    scale_by_param_block_rms,
+)
+from functional_llm.optim.transforms import (
+    Scalar,
+    add_decayed_weights,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_trust_ratio,
+    trace,
+)
+
+__all__ = ["adafactor", "adagrad", "adam", "adamw", "lamb", "lion", "rmsprop", "sgd"]
+
+
+def _unless_zero(value: Scalar, transform: GradientTransformation) -> GradientTransformation:
+    """``transform``, or nothing when ``value`` is a Python zero (a tensor is always kept)."""
+    return identity() if not isinstance(value, torch.Tensor) and value == 0 else transform
+
+
+def _decay(weight_decay: Scalar, mask: MaskOrFn | None) -> GradientTransformation:
+    decay = add_decayed_weights(weight_decay)
+    return _unless_zero(weight_decay, decay if mask is None else masked(decay, mask))
+
+
+def sgd(
+    learning_rate: ScalarOrSchedule,
+    momentum: Scalar = 0.0,
+    nesterov: bool = False,
+    weight_decay: Scalar = 0.0,
+) -> GradientTransformation:
+    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``."""
+    if nesterov and isinstance(momentum, float | int) and momentum <= 0:
+        raise ValueError("sgd: nesterov momentum needs momentum > 0")
+    return chain(
+        _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
+        _unless_zero(momentum, trace(momentum, nesterov)),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+) -> GradientTransformation:
+    """Adam (Kingma & Ba 2015); ``weight_decay`` is L2 added to the gradient, as in
+    ``torch.optim.Adam`` (use :func:`adamw` for decoupled decay)."""
+    return chain(
+        _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
+        scale_by_adam(b1, b2, eps),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 1e-2,
+    mask: MaskOrFn | None = None,
+) -> GradientTransformation:
+    """AdamW (Loshchilov & Hutter 2019): ``u = -lr (adam(g) + wd p)``, decay restricted to
+    ``mask`` (e.g. not norms and biases)."""
+    return chain(
+        scale_by_adam(b1, b2, eps),
+        _decay(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    alpha: Scalar = 0.99,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    momentum: Scalar = 0.0,
+    centered: bool = False,
+) -> GradientTransformation:
+    """RMSprop as ``torch.optim.RMSprop`` (``eps`` outside the root; momentum on ``g / rms``)."""
+    return chain(
+        _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
+        scale_by_rms(alpha, eps, centered),
+        _unless_zero(momentum, trace(momentum)),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(
+    learning_rate: ScalarOrSchedule,
+    initial_accumulator_value: float = 0.0,
+    eps: Scalar = 1e-10,
+    weight_decay: Scalar = 0.0,
+) -> GradientTransformation:
+    """Adagrad as ``torch.optim.Adagrad`` (no ``lr_decay``: pass a schedule instead)."""
+    return chain(
+        _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
+        scale_by_rss(initial_accumulator_value, eps),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def lion(
+    learning_rate: ScalarOrSchedule,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.99,
+    weight_decay: Scalar = 0.0,
+    mask: MaskOrFn | None = None,
+) -> GradientTransformation:
+    """Lion (Chen et al. 2023): ``u = -lr (sign(b1 m + (1 - b1) g) + wd p)``."""
+    return chain(
+        scale_by_lion(b1, b2), _decay(weight_decay, mask), scale_by_learning_rate(learning_rate)
+    )
+
+
+def lamb(
+    learning_rate: ScalarOrSchedule,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-6,
+    weight_decay: Scalar = 0.0,
+    mask: MaskOrFn | None = None,
+) -> GradientTransformation:
+    """LAMB (You et al. 2020): Adam's direction plus decoupled decay, rescaled per leaf by the
+    trust ratio ``||p|| / ||u||``."""
+    return chain(
+        scale_by_adam(b1, b2, eps),
+        _decay(weight_decay, mask),
+        scale_by_trust_ratio(),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adafactor(
+    learning_rate: ScalarOrSchedule,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    momentum: Scalar = 0.0,
+    weight_decay: Scalar = 0.0,
+    eps: float = 1e-30,
+    factored: bool = True,
+) -> GradientTransformation:
+    """Adafactor (Shazeer & Stern 2018): factored second moments, update clipping at RMS
+    ``clipping_threshold``, step size relative to each parameter block's RMS."""
+    return chain(
+        scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps),
+        clip_by_block_rms(clipping_threshold) if clipping_threshold is not None else identity(),
+        scale_by_param_block_rms() if multiply_by_parameter_scale else identity(),
+        _unless_zero(momentum, trace(momentum)),
+        _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
+        scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,137 @@
+"""The optimizer protocol: stateless gradient transformations, as in Optax.
+
+A :class:`GradientTransformation` is a pair of pure functions::
+
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params, **extra)   # extra: e.g. loss=...
+    params = apply_updates(params, updates)                      # params + updates
+
+Nothing is mutated: states are pytrees (NamedTuples of tensors and trees of tensors) that
+can be saved, sharded, vmapped and compiled. ``None`` in a tree is a hole (a leaf some
+combinator masked out); every transform skips holes.
+
+Transforms work on the flattened leaves with ``torch._foreach_*`` kernels (one launch per
+operation for all leaves, as ``torch.optim``'s ``foreach`` path), keep one step counter per
+state, and never synchronise with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import optree
+import torch
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "Schedule",
+    "apply_updates",
+    "chain",
+    "identity",
+    "set_to_zero",
+]
+
+PyTree = Any
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+ScalarOrSchedule = float | torch.Tensor | Schedule
+
+
+class InitFn(Protocol):
+    def __call__(self, params: PyTree) -> PyTree: ...
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, updates: PyTree, state: PyTree, params: PyTree | None = None, **extra: Any
+    ) -> tuple[PyTree, PyTree]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state`` and ``update(updates, state, params=None, **extra)``."""
+
+    init: InitFn
+    update: UpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation."""
+
+
+def flat(tree: PyTree) -> tuple[list[torch.Tensor], optree.PyTreeSpec]:
+    """Leaves (holes skipped) and the structure to put them back."""
+    return optree.tree_flatten(tree)
+
+
+def unflat(
+    spec: optree.PyTreeSpec, leaves: list[torch.Tensor] | tuple[torch.Tensor, ...]
+) -> PyTree:
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+    return optree.tree_map(torch.zeros_like, tree)
+
+
+def counter(device: torch.device | None = None) -> torch.Tensor:
+    """A state's step counter: an int32 scalar, so a compiled step never specialises on it."""
+    return torch.zeros((), dtype=torch.int32, device=device)
+
+
+def first_device(tree: PyTree) -> torch.device | None:
+    leaves = optree.tree_leaves(tree)
+    return leaves[0].device if leaves else None
+
+
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """``params + updates`` leaf by leaf, in the params' dtype; holes in ``updates`` leave the
+    param unchanged."""
+    p, spec = flat(params)
+    u = spec.flatten_up_to(updates)
+    present = [i for i, x in enumerate(u) if x is not None]
+    if not present:
+        return params
+    new = list(p)
+    summed = torch._foreach_add([p[i] for i in present], [u[i].to(p[i].dtype) for i in present])
+    for i, x in zip(present, summed, strict=True):
+        new[i] = x
+    return unflat(spec, new)
+
+
+def identity() -> GradientTransformation:
+    """Leaves updates as they are."""
+    return GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None, **_: (u, s))
+
+
+def set_to_zero() -> GradientTransformation:
+    """Zero updates: the transform for frozen parameters in :func:`multi_transform`."""
+    return GradientTransformation(
+        lambda params: EmptyState(),
+        lambda u, s, p=None, **_: (optree.tree_map(torch.zeros_like, u), s),
+    )
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in order; the state is the tuple of their states."""
+
+    def init(params: PyTree) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        updates: PyTree, state: tuple, params: PyTree | None = None, **extra: Any
+    ) -> tuple[PyTree, tuple]:
+        if len(state) != len(transforms):
+            raise ValueError(f"chain of {len(transforms)} transforms got a state of {len(state)}")
+        new_states = []
+        for t, s in zip(transforms, state, strict=True):
+            updates, s = t.update(updates, s, params, **extra)
+            new_states.append(s)
+        return updates, tuple(new_states)
+
+    return GradientTransformation(init, update)
+
+
+def as_schedule(value: ScalarOrSchedule) -> Schedule:
+    """A constant or a schedule, as a function of the step tensor."""
+    return value if callable(value) else (lambda count: torch.as_tensor(value))
