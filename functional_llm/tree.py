@@ -25,6 +25,7 @@ Pattern = str | re.Pattern[str]
 
 __all__ = [
     "combine",
+    "compile_pattern",
     "flatten",
     "leaves",
     "map",
@@ -117,15 +118,17 @@ def _lists_from_digit_dicts(node: Any) -> Any:
     return children
 
 
+def compile_pattern(pattern: Pattern) -> re.Pattern[str]:
+    """A glob (over the whole dotted path) or a regex (searched anywhere) as one regex to
+    ``search`` with. Precompiled patterns also work inside ``torch.compile``d code."""
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    return re.compile("^" + fnmatch.translate(pattern))
+
+
 def matches(path: str, *patterns: Pattern) -> bool:
     """Whether a dotted path matches any glob (whole path) or regex (searched) pattern."""
-    for pattern in patterns:
-        if isinstance(pattern, re.Pattern):
-            if pattern.search(path):
-                return True
-        elif fnmatch.fnmatchcase(path, pattern):
-            return True
-    return False
+    return any(compile_pattern(p).search(path) for p in patterns)
 
 
 def mask(tree: PyTree, *patterns: Pattern) -> PyTree:

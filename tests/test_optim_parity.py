@@ -105,8 +105,9 @@ def test_adamw(seed, s, lr, b, eps, wd):
 
 
 @given(
-    seed=st.integers(0, 2**31), s=shapes, lr=st.sampled_from([1e-3, 1e-2]), alpha=st.sampled_from([0.9, 0.99]),
-    eps=epss, wd=decays, momentum=st.sampled_from([0.0, 0.9]), centered=st.booleans(),
+    seed=st.integers(0, 2**31), s=shapes, lr=st.sampled_from([1e-3, 1e-2]),
+    alpha=st.sampled_from([0.9, 0.99]), eps=epss, wd=decays, momentum=st.sampled_from([0.0, 0.9]),
+    centered=st.booleans(),
 )  # fmt: skip
 def test_rmsprop(seed, s, lr, alpha, eps, wd, momentum, centered):
     params, grad = make_problem(seed, s)

@@ -8,7 +8,14 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from functional_llm.optim.base import EmptyState, GradientTransformation, PyTree, flat, unflat
+from functional_llm.optim.base import (
+    EmptyState,
+    GradientTransformation,
+    PyTree,
+    first_device,
+    flat,
+    unflat,
+)
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -65,7 +72,7 @@ def zero_nans() -> GradientTransformation:
     """Replace NaNs in the updates with 0; the state records whether there were any."""
 
     def init(params: PyTree) -> ZeroNansState:
-        return ZeroNansState(torch.zeros((), dtype=torch.bool))
+        return ZeroNansState(torch.zeros((), dtype=torch.bool, device=first_device(params)))
 
     def update(
         updates: PyTree, state: ZeroNansState, params: PyTree | None = None, **_: Any
@@ -95,8 +102,10 @@ def apply_if_finite(
     update goes through anyway (so a permanently broken run does not stall silently)."""
 
     def init(params: PyTree) -> ApplyIfFiniteState:
-        zero = torch.zeros((), dtype=torch.int32)
-        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool), zero, inner.init(params))
+        zero = lambda: torch.zeros((), dtype=torch.int32)  # noqa: E731  (no aliasing: each its own tensor)
+        return ApplyIfFiniteState(
+            zero(), torch.ones((), dtype=torch.bool), zero(), inner.init(params)
+        )
 
     def update(
         updates: PyTree, state: ApplyIfFiniteState, params: PyTree | None = None, **extra: Any

@@ -10,7 +10,9 @@ hyperparameters in the state.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -42,8 +44,24 @@ __all__ = [
 MaskOrFn = PyTree | Callable[[PyTree], PyTree]
 
 
-def _resolve(mask_or_fn: MaskOrFn, params: PyTree) -> PyTree:
-    return mask_or_fn(params) if callable(mask_or_fn) else mask_or_fn
+def _per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
+    """The mask (or labels) for a params tree, computed once per tree structure.
+
+    Masks depend on paths only, so the result is memoised by the tuple of paths: ``init``
+    (run eagerly) fills the memo, and a ``torch.compile``d ``update`` then reads a constant
+    instead of tracing the user's path-matching code.
+    """
+    if not callable(mask_or_fn):
+        return lambda params: mask_or_fn
+    memo: dict[tuple[str, ...], PyTree] = {}
+
+    def resolve(params: PyTree) -> PyTree:
+        key = tuple(tree.paths(params))
+        if key not in memo:
+            memo[key] = mask_or_fn(params)
+        return memo[key]
+
+    return resolve
 
 
 def _select(x: PyTree, keep: PyTree) -> PyTree:
@@ -55,11 +73,13 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
     """Apply ``inner`` where ``mask`` (a bool tree, or a function of params giving one) is True;
     other updates pass through unchanged. The inner state only has the masked leaves."""
 
+    resolve = _per_structure(mask)
+
     def init(params: PyTree) -> PyTree:
-        return inner.init(_select(params, _resolve(mask, params)))
+        return inner.init(_select(params, resolve(params)))
 
     def update(updates: PyTree, state: PyTree, params: PyTree | None = None, **extra: Any) -> tuple:
-        keep = _resolve(mask, params if params is not None else updates)
+        keep = resolve(params if params is not None else updates)
         chosen = _select(updates, keep)
         new, state = inner.update(
             chosen, state, None if params is None else _select(params, keep), **extra
@@ -73,11 +93,11 @@ def labels_by_path(rules: Mapping[str, str], default: str) -> Callable[[PyTree],
     """A labelling function for :func:`multi_transform`: each leaf gets the label of the first
     glob pattern its dotted path matches (``{"*norm*": "no_decay", "*.b": "no_decay"}``)."""
 
+    compiled = [(tree.compile_pattern(pattern), lab) for pattern, lab in rules.items()]
+
     def label(params: PyTree) -> PyTree:
         def pick(path: str, _: Any) -> str:
-            return next(
-                (lab for pattern, lab in rules.items() if tree.matches(path, pattern)), default
-            )
+            return next((lab for pattern, lab in compiled if pattern.search(path)), default)
 
         return tree.map_with_path(pick, params)
 
@@ -90,16 +110,21 @@ def multi_transform(
     """One transform per label; ``labels`` is a tree of label strings over params (or a function
     of params giving one, e.g. :func:`labels_by_path`). Use :func:`set_to_zero` to freeze."""
 
-    def masks(params: PyTree) -> dict[str, PyTree]:
-        labelled = _resolve(labels, params)
+    resolve = _per_structure(labels)
+
+    def compute_masks(params: PyTree) -> dict[str, PyTree]:
+        labelled = resolve(params)
         unknown = set(tree.leaves(labelled)) - set(transforms)
         if unknown:
             raise ValueError(
                 f"labels {sorted(unknown)} have no transform; known: {sorted(transforms)}"
             )
         return {
-            name: optree.tree_map(lambda lab, n=name: lab == n, labelled) for name in transforms
+            name: optree.tree_map(functools.partial(operator.eq, name), labelled)
+            for name in transforms
         }
+
+    masks = _per_structure(compute_masks)
 
     def init(params: PyTree) -> dict[str, PyTree]:
         return {

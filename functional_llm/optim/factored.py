@@ -77,7 +77,7 @@ def scale_by_factored_rms(
         updates: PyTree, state: FactoredState, params: PyTree | None = None, **_: Any
     ) -> tuple:
         g, spec = flat(updates)
-        t = (state.count + 1 - step_offset).to(torch.float32)
+        t = (state.count + 1 - step_offset).to(torch.float64)  # a scalar: float64 costs nothing
         decay = 1.0 - t.pow(-decay_rate)
         new_v, out = [], []
         for x, v in zip(g, spec.flatten_up_to(state.v), strict=True):
