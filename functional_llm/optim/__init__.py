@@ -26,6 +26,7 @@ from functional_llm.optim.combinators import (
     multi_steps,
     multi_transform,
 )
+from functional_llm.optim.donated import AdamWDonated, AdamWDonatedState, adamw_donated
 from functional_llm.optim.factored import (
     clip_by_block_rms,
     scale_by_factored_rms,
@@ -54,6 +55,8 @@ from functional_llm.optim.transforms import (
 )
 
 __all__ = [
+    "AdamWDonated",
+    "AdamWDonatedState",
     "EmptyState",
     "GradientTransformation",
     "MultiSteps",
@@ -62,6 +65,7 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
+    "adamw_donated",
     "add_decayed_weights",
     "apply_if_finite",
     "apply_updates",

@@ -66,8 +66,18 @@ def _ema_of_squares(
 ) -> list[torch.Tensor]:
     """``decay * avg + (1 - decay) * g^2``."""
     out = list(torch._foreach_mul(avg, decay))
-    torch._foreach_add_(out, torch._foreach_mul(torch._foreach_mul(g, g), 1.0 - decay))
+    if isinstance(decay, torch.Tensor):  # addcmul_ takes a Python scalar only
+        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_mul(g, g), 1.0 - decay))
+    else:
+        torch._foreach_addcmul_(out, g, g, value=1.0 - decay)
     return out
+
+
+def _add_scaled(x: list[torch.Tensor], y: list[torch.Tensor], alpha: Scalar) -> list[torch.Tensor]:
+    """``x + alpha * y`` in one pass where ``alpha`` is a Python number (no temporary)."""
+    if isinstance(alpha, torch.Tensor):
+        return list(torch._foreach_add(x, torch._foreach_mul(y, alpha)))
+    return list(torch._foreach_add(x, y, alpha=alpha))
 
 
 def scale(step_size: Scalar) -> GradientTransformation:
@@ -140,7 +150,11 @@ def scale_by_adam(
         t = state.count + 1
         mu = _ema(spec.flatten_up_to(state.mu), g, b1)
         nu = _ema_of_squares(spec.flatten_up_to(state.nu), g, b2)
-        denom = torch._foreach_sqrt(torch._foreach_add(nu, eps_root) if eps_root else nu)
+        if eps_root:
+            denom = torch._foreach_add(nu, eps_root)
+            torch._foreach_sqrt_(denom)
+        else:
+            denom = torch._foreach_sqrt(nu)
         torch._foreach_div_(denom, torch.sqrt(_bias_correction(b2, t)).to(g[0].dtype))
         torch._foreach_add_(denom, eps)
         u = torch._foreach_div(mu, denom)
@@ -256,8 +270,8 @@ def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
         g, spec = flat(updates)
         if not g:
             return updates, state
-        b = torch._foreach_add(g, torch._foreach_mul(spec.flatten_up_to(state.trace), decay))
-        u = torch._foreach_add(g, torch._foreach_mul(b, decay)) if nesterov else b
+        b = _add_scaled(g, spec.flatten_up_to(state.trace), decay)
+        u = _add_scaled(g, b, decay) if nesterov else b
         return unflat(spec, u), TraceState(unflat(spec, b))
 
     return GradientTransformation(init, update)
@@ -273,7 +287,7 @@ def add_decayed_weights(weight_decay: Scalar) -> GradientTransformation:
         if not g:
             return updates, state
         p = spec.flatten_up_to(params)
-        return unflat(spec, torch._foreach_add(g, torch._foreach_mul(p, weight_decay))), state
+        return unflat(spec, _add_scaled(g, p, weight_decay)), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
