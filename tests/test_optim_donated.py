@@ -45,7 +45,7 @@ def test_without_donation_inputs_are_untouched():
     opt = optim.adamw_donated(0.1)
     state = opt.init(params)
     before = fl.tree.map(torch.clone, (params, state))
-    new_params, new_state = opt.step(params, grad(params), state)
+    new_params, _ = opt.step(params, grad(params), state)
     for a, b in zip(fl.tree.leaves((params, state)), fl.tree.leaves(before), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(new_params["p0"], params["p0"])
