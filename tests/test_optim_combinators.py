@@ -125,6 +125,16 @@ def test_masked_passes_other_updates_through():
     assert updates["b"] is grads["b"] and updates["norm"]["scale"] is grads["norm"]["scale"]
 
 
+def test_add_decayed_weights_with_a_mask():
+    params = tree_params()
+    zero = fl.tree.map(torch.zeros_like, params)
+    opt = optim.add_decayed_weights(0.5, mask=lambda p: fl.tree.mask(p, "w", "b"))
+    updates, _ = opt.update(zero, opt.init(params), params)
+    torch.testing.assert_close(updates["w"], 0.5 * params["w"])
+    torch.testing.assert_close(updates["b"], 0.5 * params["b"])
+    assert torch.equal(updates["frozen"], torch.zeros(2, 2))
+
+
 def test_adamw_mask_exempts_norms_from_decay():
     params = tree_params()
     zero = fl.tree.map(torch.zeros_like, params)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from functional_llm.optim.base import GradientTransformation, ScalarOrSchedule, chain, identity
-from functional_llm.optim.combinators import MaskOrFn, masked
+from functional_llm.optim.combinators import MaskOrFn
 from functional_llm.optim.factored import (
     clip_by_block_rms,
     scale_by_factored_rms,
@@ -39,8 +39,7 @@ def _unless_zero(value: Scalar, transform: GradientTransformation) -> GradientTr
 
 
 def _decay(weight_decay: Scalar, mask: MaskOrFn | None) -> GradientTransformation:
-    decay = add_decayed_weights(weight_decay)
-    return _unless_zero(weight_decay, decay if mask is None else masked(decay, mask))
+    return _unless_zero(weight_decay, add_decayed_weights(weight_decay, mask))
 
 
 def sgd(

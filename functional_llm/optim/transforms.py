@@ -26,6 +26,7 @@ from functional_llm.optim.base import (
     unflat,
     zeros_like,
 )
+from functional_llm.optim.combinators import MaskOrFn, masked
 
 __all__ = [
     "ScaleByAdamState",
@@ -277,8 +278,11 @@ def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def add_decayed_weights(weight_decay: Scalar) -> GradientTransformation:
-    """``u = g + weight_decay * params`` (restrict it with :func:`masked`)."""
+def add_decayed_weights(
+    weight_decay: Scalar, mask: MaskOrFn | None = None
+) -> GradientTransformation:
+    """``u = g + weight_decay * params``, only where ``mask`` (a bool tree or a function of
+    params giving one) is True when it is given."""
 
     def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
         if params is None:
@@ -289,7 +293,8 @@ def add_decayed_weights(weight_decay: Scalar) -> GradientTransformation:
         p = spec.flatten_up_to(params)
         return unflat(spec, _add_scaled(g, p, weight_decay)), state
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    decay = GradientTransformation(lambda params: EmptyState(), update)
+    return decay if mask is None else masked(decay, mask)
 
 
 def scale_by_trust_ratio(min_norm: float = 0.0, eps: float = 0.0) -> GradientTransformation:
