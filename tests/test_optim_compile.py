@@ -46,8 +46,7 @@ def override_at_fn(state):
 
 
 def assert_same(a, b):
-    for x, y in zip(fl.tree.leaves(a), fl.tree.leaves(b), strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    fl.testing.assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_adamw_with_warmup_cosine_equals_eager_and_compiles_once():
