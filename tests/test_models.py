@@ -217,3 +217,17 @@ def test_bad_inputs_name_the_argument_and_shapes():
         match=r"params\.blocks\.1\.attn\.q\.w: expected shape \(16, 2, 8\), got \(16, 2, 4\)",
     ):
         model.apply(p, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_gpt_returns_each_layers_attention_weights_for_inspection():
+    model = llama()
+    params = model.init(random.key(0))
+    x = tokens(0, (2, 7))
+    h, weights = model.hidden_states(params, x, return_weights=True)
+    torch.testing.assert_close(h, model.hidden_states(params, x), **TOL)
+    assert len(weights) == model.config.n_layers
+    for layer in weights:
+        w = layer["attn"]
+        assert w.shape == (2, model.config.n_heads, 7, 7)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, model.config.n_heads, 7), **TOL)
+        assert (w.triu(1) == 0).all()  # causal: no weight on future tokens
