@@ -149,11 +149,11 @@ def partition(tree: PyTree, where: PyTree | Callable[[str, Any], bool]) -> tuple
     """Split ``tree`` into ``(selected, rest)`` of the same structure, ``None`` in the holes.
 
     ``where`` is a bool tree (e.g. from :func:`mask`) or a predicate ``(path, leaf) -> bool``.
-    ``combine(selected, rest)`` gives back ``tree``.
+    ``combine(selected, rest)`` gives back ``tree``. Holes already in ``tree`` stay holes.
     """
     flags = map_with_path(where, tree) if callable(where) else where
-    selected = optree.tree_map(lambda x, keep: x if keep else None, tree, flags)
-    rest = optree.tree_map(lambda x, keep: None if keep else x, tree, flags)
+    selected = optree.tree_map(lambda x, keep: x if keep else None, tree, flags, none_is_leaf=True)
+    rest = optree.tree_map(lambda x, keep: None if keep else x, tree, flags, none_is_leaf=True)
     return selected, rest
 
 

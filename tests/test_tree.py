@@ -113,3 +113,10 @@ def test_summary_lists_every_leaf_with_axes():
     row = next(line for line in lines if line.startswith("blocks.0.attn.wq"))
     assert row.split() == ["blocks.0.attn.wq", "4x4", "float32", "16", "embed,", "embed"]
     assert lines[-1].split()[:2] == ["total", "88"]
+
+
+def test_partition_keeps_existing_holes():
+    holey = {"a": torch.ones(1), "b": None, "c": torch.zeros(2)}
+    selected, rest = tree.partition(holey, {"a": True, "b": True, "c": False})
+    assert selected == {"a": holey["a"], "b": None, "c": None}
+    assert rest == {"a": None, "b": None, "c": holey["c"]}

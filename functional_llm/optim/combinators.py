@@ -64,11 +64,6 @@ def _per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
     return resolve
 
 
-def _select(x: PyTree, keep: PyTree) -> PyTree:
-    """``x`` with ``None`` wherever ``keep`` is False (``keep`` is a bool tree over ``x``)."""
-    return optree.tree_map(lambda leaf, k: leaf if k else None, x, keep, none_is_leaf=True)
-
-
 def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformation:
     """Apply ``inner`` where ``mask`` (a bool tree, or a function of params giving one) is True;
     other updates pass through unchanged. The inner state only has the masked leaves."""
@@ -76,15 +71,14 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
     resolve = _per_structure(mask)
 
     def init(params: PyTree) -> PyTree:
-        return inner.init(_select(params, resolve(params)))
+        return inner.init(tree.partition(params, resolve(params))[0])
 
     def update(updates: PyTree, state: PyTree, params: PyTree | None = None, **extra: Any) -> tuple:
         keep = resolve(params if params is not None else updates)
-        chosen = _select(updates, keep)
-        new, state = inner.update(
-            chosen, state, None if params is None else _select(params, keep), **extra
-        )
-        return tree.combine(new, _select(updates, optree.tree_map(lambda k: not k, keep))), state
+        chosen, passthrough = tree.partition(updates, keep)
+        masked_params = None if params is None else tree.partition(params, keep)[0]
+        new, state = inner.update(chosen, state, masked_params, **extra)
+        return tree.combine(new, passthrough), state
 
     return GradientTransformation(init, update)
 
