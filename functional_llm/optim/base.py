@@ -108,7 +108,7 @@ def set_to_zero() -> GradientTransformation:
     """Zero updates: the transform for frozen parameters in :func:`multi_transform`."""
     return GradientTransformation(
         lambda params: EmptyState(),
-        lambda u, s, p=None, **_: (optree.tree_map(torch.zeros_like, u), s),
+        lambda u, s, p=None, **_: (zeros_like(u), s),
     )
 
 

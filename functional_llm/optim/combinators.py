@@ -28,6 +28,7 @@ from functional_llm.optim.base import (
     first_device,
     flat,
     unflat,
+    zeros_like,
 )
 
 __all__ = [
@@ -159,8 +160,9 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         raise ValueError(f"multi_steps needs every_k >= 1, got {every_k}")
 
     def init(params: PyTree) -> MultiStepsState:
-        zeros = optree.tree_map(torch.zeros_like, params)
-        return MultiStepsState(counter(first_device(params)), zeros, inner.init(params))
+        return MultiStepsState(
+            counter(first_device(params)), zeros_like(params), inner.init(params)
+        )
 
     def update(
         updates: PyTree, state: MultiStepsState, params: PyTree | None = None, **extra: Any

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import optree
 import torch
 
 from functional_llm.optim.base import (
@@ -57,7 +58,7 @@ class AdamWDonated:
         """One AdamW step. ``donate=True``: ``params`` and ``state`` are consumed (their
         buffers now hold the result; do not read them again). ``donate=False``: pure."""
         if not donate:
-            params, state = _clone(params), _clone(state)
+            params, state = optree.tree_map(torch.clone, (params, state))
         p, spec = flat(params)
         if not p:
             return params, state
@@ -70,11 +71,6 @@ class AdamWDonated:
             weight_decay=self.weight_decay, eps=self.eps, maximize=False,
         )  # fmt: skip
         return unflat(spec, p), AdamWDonatedState(count, unflat(spec, mu), unflat(spec, nu))
-
-
-def _clone(tree: PyTree) -> PyTree:
-    leaves, spec = flat(tree)
-    return unflat(spec, [x.clone() for x in leaves])
 
 
 def adamw_donated(
