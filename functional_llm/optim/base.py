@@ -74,6 +74,15 @@ def zeros_like(tree: PyTree) -> PyTree:
     return optree.tree_map(torch.zeros_like, tree)
 
 
+def step_if(
+    take: torch.Tensor, new_updates: PyTree, new_state: PyTree, old_state: PyTree
+) -> tuple[PyTree, PyTree]:
+    """``(new_updates, new_state)`` where the boolean ``take`` holds, else zero updates and
+    ``old_state``: a step taken or skipped on device, with no host synchronisation."""
+    updates = optree.tree_map(lambda u: torch.where(take, u, torch.zeros_like(u)), new_updates)
+    return updates, optree.tree_map(lambda n, o: torch.where(take, n, o), new_state, old_state)
+
+
 def counter(device: torch.device | None = None) -> torch.Tensor:
     """A state's step counter: an int32 scalar, so a compiled step never specialises on it."""
     return torch.zeros((), dtype=torch.int32, device=device)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from functional_llm.optim.base import (
@@ -14,6 +13,7 @@ from functional_llm.optim.base import (
     PyTree,
     first_device,
     flat,
+    step_if,
     unflat,
 )
 
@@ -119,9 +119,7 @@ def apply_if_finite(
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
         notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
         apply = finite | (notfinite_count > max_consecutive_errors)
-        keep = lambda new, old: torch.where(apply, new, old)  # noqa: E731
-        out = optree.tree_map(lambda u: torch.where(apply, u, torch.zeros_like(u)), new_updates)
-        inner_state = optree.tree_map(keep, new_inner, state.inner_state)
+        out, inner_state = step_if(apply, new_updates, new_inner, state.inner_state)
         total = state.total_notfinite + (~finite).to(torch.int32)
         return out, ApplyIfFiniteState(notfinite_count.to(torch.int32), finite, total, inner_state)
 

@@ -27,6 +27,7 @@ from functional_llm.optim.base import (
     counter,
     first_device,
     flat,
+    step_if,
     unflat,
     zeros_like,
 )
@@ -177,10 +178,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             unflat(spec, mean), state.inner_state, params, **extra
         )
         emit = j >= every_k
-        out = optree.tree_map(lambda u: torch.where(emit, u, torch.zeros_like(u)), new_updates)
-        inner_state = optree.tree_map(
-            lambda n, o: torch.where(emit, n, o), new_inner, state.inner_state
-        )
+        out, inner_state = step_if(emit, new_updates, new_inner, state.inner_state)
         acc_next = unflat(spec, [torch.where(emit, torch.zeros_like(m), m) for m in mean])
         return out, MultiStepsState(torch.where(emit, 0, j).to(torch.int32), acc_next, inner_state)
 
