@@ -50,6 +50,7 @@ class BERTConfig:
     norm_eps: float = 1e-12
     init_std: float = 0.02
     dtype: torch.dtype = torch.float32
+    remat: bool = False
 
     def __post_init__(self) -> None:
         check_positive(
@@ -100,7 +101,7 @@ class BERT(Layer):
             c.d_model, c.n_heads, c.d_ff, activation=c.activation, dropout=c.dropout,
             norm_eps=c.norm_eps, w_init=Normal(c.init_std), dtype=c.dtype,
         )  # fmt: skip
-        return Encoder(block, c.n_layers, final_norm=False)
+        return Encoder(block, c.n_layers, final_norm=False, remat=c.remat)
 
     def _parts(self) -> dict[str, Layer]:
         c, init = self.config, Normal(self.config.init_std)

@@ -51,6 +51,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     dtype: torch.dtype = torch.float32
+    remat: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads")
@@ -127,7 +128,7 @@ class GPT(Layer):
 
     @property
     def stack(self) -> Encoder:
-        return Encoder(self.block, self.config.n_layers, final_norm=True)
+        return Encoder(self.block, self.config.n_layers, final_norm=True, remat=self.config.remat)
 
     def _parts(self) -> dict[str, Layer]:
         c = self.config

@@ -54,6 +54,7 @@ class TransformerConfig:
     positions: str = "sinusoidal"
     tie_output: bool = False
     dtype: torch.dtype = torch.float32
+    remat: bool = False
 
     def __post_init__(self) -> None:
         check_positive(
@@ -85,8 +86,8 @@ class Transformer(Layer):
             dropout=c.dropout, norm_first=c.norm_first, norm_eps=c.layer_norm_eps, dtype=c.dtype,
         )  # fmt: skip
         return EncoderDecoder(
-            Encoder(EncoderBlock(**kw), c.num_encoder_layers),
-            Decoder(DecoderBlock(**kw), c.num_decoder_layers),
+            Encoder(EncoderBlock(**kw), c.num_encoder_layers, remat=c.remat),
+            Decoder(DecoderBlock(**kw), c.num_decoder_layers, remat=c.remat),
         )
 
     def _parts(self) -> dict[str, Layer]:

@@ -9,6 +9,7 @@ from functional_llm.nn.mlp import ACTIVATIONS, MLP
 from functional_llm.nn.module import Layer, check_tree, eval_shape
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
 from functional_llm.nn.positions import positions_like, rope, sinusoidal
+from functional_llm.nn.remat import remat
 from functional_llm.nn.stacks import Decoder, Encoder, EncoderDecoder
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "key_padding_mask",
     "make_norm",
     "positions_like",
+    "remat",
     "rope",
     "sinusoidal",
 ]

@@ -3,6 +3,9 @@
 Params of a stack are ``{"blocks": [block_0, ..., block_{L-1}], "norm": final_norm}``; the final
 norm is there when ``final_norm`` is set (``torch.nn.Transformer`` always has one, GPT-2 and
 Llama too, post-LN BERT none).
+
+``remat=True`` wraps each block in :func:`functional_llm.nn.remat.remat`: its activations are
+recomputed in the backward pass instead of kept, for about one more forward pass of compute.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from functional_llm import random
 from functional_llm.nn.blocks import DecoderBlock, EncoderBlock, Key
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
+from functional_llm.nn.remat import remat
 
 __all__ = ["Decoder", "Encoder", "EncoderDecoder"]
 
@@ -26,6 +30,7 @@ class Encoder(Layer):
     block: EncoderBlock
     n_layers: int
     final_norm: bool = True
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if self.n_layers < 0:
@@ -73,6 +78,7 @@ class Encoder(Layer):
         """``x = run(block_params, x, key)`` through the blocks, then the final norm."""
         keys = maybe_split(key, self.n_layers)
         weights = []
+        run = remat(run) if self.remat and not return_weights else run
         for block_params, k in zip(params["blocks"], keys, strict=True):
             x = run(block_params, x, k)
             if return_weights:

@@ -1,0 +1,281 @@
+"""The cross-entropy family, and the task losses built on it.
+
+Every loss returns ``(scalar, aux)``: the scalar to differentiate, and a dict of metrics
+(tensors, detached) that the train step averages and reports.
+
+:func:`cross_entropy` is the article's ``-sum_c y_c log softmax(z)_c``, averaged over the
+*counted* targets (those not equal to ``ignore_index``), with two regularisers::
+
+    lse    = log sum_c exp(z_c)
+    nll    = lse - z_y                                        (one-hot y)
+    smooth = (1 - eps) nll + eps (lse - mean_c z_c)           (label smoothing, torch's definition)
+    loss   = sum_counted (smooth + z_loss lse^2) / n_counted  (z-loss: PaLM's logit drift penalty)
+
+The task losses adapt a model to that: :func:`next_token` (causal LM), :func:`seq2seq`,
+:func:`mlm`, :func:`nsp`, :func:`bert_pretraining` (MLM + NSP), :func:`classification`,
+:func:`token_classification` and :func:`qa_span`. Each takes the model (and options) and
+returns ``loss_fn(params, batch, key) -> (scalar, aux)``, the signature
+:func:`functional_llm.train.make_step` composes; ``batch`` is a dict of tensors named below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "IGNORE",
+    "LossFn",
+    "bert_pretraining",
+    "classification",
+    "cross_entropy",
+    "mlm",
+    "next_token",
+    "nsp",
+    "qa_span",
+    "seq2seq",
+    "token_classification",
+]
+
+IGNORE = -100  # the target that is not counted (torch's and Hugging Face's convention)
+Aux = dict[str, torch.Tensor]
+Batch = Mapping[str, torch.Tensor]
+LossFn = Callable[[Any, Batch, "torch.Tensor | None"], tuple[torch.Tensor, Aux]]
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[torch.Tensor, Aux]:
+    """Mean cross-entropy of ``logits: (..., C)`` against integer ``targets: (...)`` over the
+    targets that are not ``ignore_index``; zero if none is counted.
+
+    aux: ``loss`` (the returned value), ``nll`` (plain cross-entropy, no smoothing or z-loss),
+    ``accuracy`` (argmax hits) and ``count`` (counted targets, the weight to average over
+    micro-batches with).
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"cross_entropy: logits {tuple(logits.shape)} need targets of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if targets.dtype.is_floating_point:
+        raise TypeError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
+    z = logits.flatten(0, -2)
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()  # bf16/fp16 logits upcast
+    y = targets.flatten()
+    counted = y != ignore_index
+    count = counted.sum()
+    denominator = count.clamp(min=1).to(z.dtype)
+    safe_y = torch.where(counted, y, 0)
+    lse = torch.logsumexp(z, dim=-1)
+    nll = (lse - z.gather(-1, safe_y[:, None]).squeeze(-1)) * counted
+    per_token = nll
+    if label_smoothing:
+        uniform = (lse - z.mean(dim=-1)) * counted
+        per_token = (1 - label_smoothing) * nll + label_smoothing * uniform
+    if z_loss:
+        per_token = per_token + z_loss * lse.square() * counted
+    loss = per_token.sum() / denominator
+    with torch.no_grad():
+        hits = (z.argmax(dim=-1) == y) & counted
+        aux = {
+            "loss": loss.detach(),
+            "nll": nll.sum().detach() / denominator,
+            "accuracy": hits.sum() / denominator,
+            "count": count,
+        }
+    return loss, aux
+
+
+def _ce_options(ignore_index: int, label_smoothing: float, z_loss: float) -> dict[str, Any]:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    return {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss}
+
+
+def _require(batch: Batch, loss: str, *names: str) -> None:
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise KeyError(f"{loss} loss: the batch has no {missing}; it has {sorted(batch)}")
+
+
+def next_token(
+    model: Any,
+    *,
+    ignore_index: int = IGNORE,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> LossFn:
+    """Causal LM: predict ``targets[t]`` from ``inputs[:t+1]``.
+
+    batch: ``inputs`` and ``targets`` ``(B, T)`` (targets are inputs shifted by one), or
+    ``tokens`` ``(B, T+1)`` to be split so; optional ``valid`` ``(B, T)`` hides padding (pad
+    targets should be ``ignore_index``).
+    """
+    options = _ce_options(ignore_index, label_smoothing, z_loss)
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        if "tokens" in batch:
+            inputs, targets = batch["tokens"][..., :-1], batch["tokens"][..., 1:]
+        else:
+            _require(batch, "next_token", "inputs", "targets")
+            inputs, targets = batch["inputs"], batch["targets"]
+        logits = model.apply(params, inputs, valid=batch.get("valid"), key=key)
+        return cross_entropy(logits, targets, **options)
+
+    return loss_fn
+
+
+def seq2seq(
+    model: Any, *, ignore_index: int = IGNORE, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> LossFn:
+    """Encoder-decoder (translation, summarisation): predict ``tgt_out`` from the source and
+    ``tgt_in`` (the target shifted right, starting with BOS).
+
+    batch: ``src`` ``(B, S)``, ``tgt_in`` and ``tgt_out`` ``(B, T)``; optional ``src_valid``,
+    ``tgt_valid``.
+    """
+    options = _ce_options(ignore_index, label_smoothing, z_loss)
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        _require(batch, "seq2seq", "src", "tgt_in", "tgt_out")
+        logits = model.apply(
+            params, batch["src"], batch["tgt_in"], src_valid=batch.get("src_valid"),
+            tgt_valid=batch.get("tgt_valid"), key=key,
+        )  # fmt: skip
+        return cross_entropy(logits, batch["tgt_out"], **options)
+
+    return loss_fn
+
+
+def _mlm_from_hidden(model: Any, params: Any, hidden: torch.Tensor, batch: Batch) -> Any:
+    """MLM cross-entropy. With ``mlm_positions`` ``(B, P)`` in the batch (BERT's
+    ``max_predictions_per_seq`` layout; ``labels`` then ``(B, P)``, padded with ``IGNORE``) the
+    vocabulary projection, BERT's costliest matmul, runs on those ``P`` positions only; shapes
+    stay static, so a compiled step does not recompile."""
+    if "mlm_positions" in batch:
+        index = batch["mlm_positions"][..., None].expand(-1, -1, hidden.shape[-1])
+        hidden = hidden.gather(-2, index)
+    return cross_entropy(model.mlm_logits(params, hidden), batch["labels"])
+
+
+def mlm(model: Any) -> LossFn:
+    """Masked LM (BERT): predict the original token at each masked position.
+
+    batch: ``tokens`` ``(B, T)`` (already masked), ``labels`` ``(B, T)`` with the original id at
+    masked positions and ``IGNORE`` elsewhere (or ``(B, P)`` with ``mlm_positions``, see
+    :func:`_mlm_from_hidden`); optional ``valid`` and ``token_types``.
+    """
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        _require(batch, "mlm", "tokens", "labels")
+        out = model.apply(
+            params, batch["tokens"], batch.get("token_types"), valid=batch.get("valid"), key=key
+        )
+        return _mlm_from_hidden(model, params, out.hidden, batch)
+
+    return loss_fn
+
+
+def nsp(model: Any) -> LossFn:
+    """Next-sentence prediction (BERT): ``nsp_label`` ``(B,)`` is 0 when segment B follows
+    segment A, 1 when it is random. batch: ``tokens``, ``token_types``, ``nsp_label``."""
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        _require(batch, "nsp", "tokens", "token_types", "nsp_label")
+        out = model.apply(
+            params, batch["tokens"], batch["token_types"], valid=batch.get("valid"), key=key
+        )
+        return cross_entropy(model.nsp_logits(params, out.pooled), batch["nsp_label"])
+
+    return loss_fn
+
+
+def bert_pretraining(model: Any, nsp_weight: float = 1.0) -> LossFn:
+    """BERT's pretraining objective, MLM + ``nsp_weight`` NSP, from one encoder pass.
+    aux: ``mlm_*`` and ``nsp_*`` metrics and the total ``loss``."""
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        _require(batch, "bert_pretraining", "tokens", "token_types", "labels", "nsp_label")
+        out = model.apply(
+            params, batch["tokens"], batch["token_types"], valid=batch.get("valid"), key=key
+        )
+        mlm_loss, mlm_aux = _mlm_from_hidden(model, params, out.hidden, batch)
+        nsp_loss, nsp_aux = cross_entropy(model.nsp_logits(params, out.pooled), batch["nsp_label"])
+        loss = mlm_loss + nsp_weight * nsp_loss
+        aux = {f"mlm_{k}": v for k, v in mlm_aux.items()}
+        aux.update({f"nsp_{k}": v for k, v in nsp_aux.items()})
+        aux["loss"] = loss.detach()
+        return loss, aux
+
+    return loss_fn
+
+
+def classification(model: Any, *, label_smoothing: float = 0.0) -> LossFn:
+    """Sequence classification (:class:`~functional_llm.models.SequenceClassifier`).
+    batch: ``tokens``, ``label`` ``(B,)``; optional ``valid``, ``token_types``."""
+    options = _ce_options(IGNORE, label_smoothing, 0.0)
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        _require(batch, "classification", "tokens", "label")
+        logits = model.apply(params, batch["tokens"], valid=batch.get("valid"), key=key,
+                             **_types(batch))  # fmt: skip
+        return cross_entropy(logits, batch["label"], **options)
+
+    return loss_fn
+
+
+def token_classification(model: Any) -> LossFn:
+    """Sequence labelling (:class:`~functional_llm.models.TokenClassifier`): one label per token,
+    ``IGNORE`` on padding, special tokens and non-first sub-words. batch: ``tokens``,
+    ``labels`` ``(B, T)``; optional ``valid``, ``token_types``."""
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        _require(batch, "token_classification", "tokens", "labels")
+        logits = model.apply(params, batch["tokens"], valid=batch.get("valid"), key=key,
+                             **_types(batch))  # fmt: skip
+        return cross_entropy(logits, batch["labels"])
+
+    return loss_fn
+
+
+def qa_span(model: Any) -> LossFn:
+    """Extractive QA (:class:`~functional_llm.models.ExtractiveQA`): the mean of the start and
+    end cross-entropies over token positions; an unanswerable question points both at
+    position 0 ([CLS]), as in BERT's SQuAD 2.0 recipe. batch: ``tokens``, ``start``, ``end``
+    ``(B,)``; optional ``valid``, ``token_types``. aux also has ``exact`` (both ends right)."""
+
+    def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
+        _require(batch, "qa_span", "tokens", "start", "end")
+        spans = model.apply(params, batch["tokens"], valid=batch.get("valid"), key=key,
+                            **_types(batch))  # fmt: skip
+        start_loss, start_aux = cross_entropy(spans.start, batch["start"])
+        end_loss, end_aux = cross_entropy(spans.end, batch["end"])
+        loss = (start_loss + end_loss) / 2
+        with torch.no_grad():
+            exact = (spans.start.argmax(-1) == batch["start"]) & (
+                spans.end.argmax(-1) == batch["end"]
+            )
+        aux = {
+            "loss": loss.detach(),
+            "start_accuracy": start_aux["accuracy"],
+            "end_accuracy": end_aux["accuracy"],
+            "exact": exact.float().mean(),
+            "count": start_aux["count"],
+        }
+        return loss, aux
+
+    return loss_fn
+
+
+def _types(batch: Batch) -> dict[str, torch.Tensor]:
+    return {"token_types": batch["token_types"]} if "token_types" in batch else {}
