@@ -89,22 +89,30 @@ def value_and_grad(
     gradient is taken with respect to detached aliases of its leaves. ``method="func"`` uses
     ``torch.func.grad_and_value`` instead (composes with vmap and higher-order grads; no remat).
     """
-    if method == "func":
-        return torch.func.grad_and_value(fn, has_aux=True)
-    if method != "autograd":
+    if method not in ("autograd", "func"):
         raise ValueError(f"value_and_grad: method must be 'autograd' or 'func', got {method!r}")
 
     def wrapped(params: PyTree, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = optree.tree_flatten(params)
         floating = [i for i, x in enumerate(leaves) if x.is_floating_point()]
-        live = list(leaves)
-        for i in floating:
-            live[i] = leaves[i].detach().requires_grad_()
-        with torch.enable_grad():
-            loss, aux = fn(optree.tree_unflatten(spec, live), *args, **kwargs)
-            grads = torch.autograd.grad(
-                loss, [live[i] for i in floating], allow_unused=True, materialize_grads=True
+
+        def of(differentiable: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+            live = list(leaves)
+            for i, x in zip(floating, differentiable, strict=True):
+                live[i] = x
+            return fn(optree.tree_unflatten(spec, live), *args, **kwargs)
+
+        if method == "func":
+            grads, (loss, aux) = torch.func.grad_and_value(of, has_aux=True)(
+                [leaves[i] for i in floating]
             )
+        else:
+            differentiable = [leaves[i].detach().requires_grad_() for i in floating]
+            with torch.enable_grad():
+                loss, aux = of(differentiable)
+                grads = torch.autograd.grad(
+                    loss, differentiable, allow_unused=True, materialize_grads=True
+                )
         out: list[torch.Tensor | None] = [None] * len(leaves)
         for i, g in zip(floating, grads, strict=True):
             out[i] = g

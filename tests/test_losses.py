@@ -135,12 +135,16 @@ def bert_batch():
     originals = random.randint(k[1], (3, 2), 0, 13)
     labels.scatter_(1, positions, originals)
     types = (torch.arange(8) >= 4).long().expand(3, 8)
-    return {
-        "tokens": tokens,
-        "token_types": types,
-        "labels": labels,
-        "nsp_label": torch.tensor([0, 1, 0]),
-    }, positions, originals
+    return (
+        {
+            "tokens": tokens,
+            "token_types": types,
+            "labels": labels,
+            "nsp_label": torch.tensor([0, 1, 0]),
+        },
+        positions,
+        originals,
+    )
 
 
 def test_mlm_loss_at_gathered_positions_equals_full_labels():
