@@ -6,11 +6,24 @@ params = model.init(fl.random.key(0))
 logits = model.apply(params, tokens)
 """
 
-from functional_llm import init, interop, losses, models, nn, optim, random, testing, train, tree
+from functional_llm import (
+    checkpoint,
+    init,
+    interop,
+    losses,
+    models,
+    nn,
+    optim,
+    random,
+    testing,
+    train,
+    tree,
+)
 from functional_llm.interop import torch_nn
 
 __version__ = "0.1.0"
 __all__ = [
+    "checkpoint",
     "init",
     "interop",
     "losses",

@@ -1,0 +1,255 @@
+"""Checkpoints of any state pytree: safetensors plus a JSON manifest, written atomically.
+
+One checkpoint is one ``.safetensors`` file. Tensors are stored under their dotted paths
+(``params.blocks.0.attn.q.w``); the header's metadata holds a JSON manifest with the library
+and torch versions, the tree's non-tensor leaves (ints, floats, strings, bools, ``None``), a
+CRC-32 of every tensor's bytes, and whatever the caller adds (the config, the data position).
+
+* **Loading never executes code.** safetensors is a header plus raw bytes, and the manifest is
+  JSON; no pickle is involved anywhere (a ``torch.save`` file is rejected, not unpickled).
+* **Atomic.** The file is written to a temporary name in the same directory, flushed to disk,
+  then renamed over the target: a crash at any moment leaves the previous checkpoint whole.
+* **Checked.** A truncated or corrupted file, a tensor whose bytes fail their checksum, or a
+  checkpoint that does not fit the ``like`` tree (a missing path, another shape or dtype) raises
+  :class:`CheckpointError` naming the file, the path and both values.
+
+``save(path, tree, metadata)`` / ``load(path, like)`` / ``metadata(path)`` handle one file;
+:class:`Checkpointer` keeps numbered checkpoints of a run in a directory (``latest``, ``keep``).
+Sharded (DTensor) state is saved with ``torch.distributed.checkpoint`` instead (parallelism).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from functional_llm import tree
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "config_from_dict",
+    "config_to_dict",
+    "load",
+    "metadata",
+    "save",
+]
+
+FORMAT = "functional_llm.checkpoint/1"
+_VALUES = (int, float, str, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is damaged, or does not fit the requested tree."""
+
+
+def _crc(x: torch.Tensor) -> int:
+    return zlib.crc32(x.reshape(-1).view(torch.uint8).numpy())
+
+
+def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` (a pytree of tensors and plain values) to ``path`` atomically.
+
+    ``metadata`` must be JSON-serialisable (use :func:`config_to_dict` for configs).
+    """
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, Any] = {}
+    seen: set[int] = set()
+    leaves = tree.flatten(state)
+    for name, leaf in leaves.items():
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().to("cpu").contiguous()
+            if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[name] = t
+        elif isinstance(leaf, _VALUES):
+            values[name] = leaf
+        else:
+            kind = type(leaf).__name__
+            raise TypeError(f"checkpoint.save: leaf {name!r} is a {kind}; only tensors, numbers, "
+                            "strings and bools are stored")  # fmt: skip
+    manifest = {
+        "format": FORMAT,
+        "library": _library_version(),
+        "torch": torch.__version__,
+        "paths": list(leaves),
+        "values": values,
+        "crc32": {name: _crc(t) for name, t in tensors.items()},
+        "metadata": metadata or {},
+    }
+    try:
+        header = {"manifest": json.dumps(manifest)}
+    except TypeError as err:
+        raise TypeError(f"checkpoint.save: metadata must be JSON-serialisable: {err}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest(path: Path) -> tuple[dict[str, Any], list[str]]:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header, names = f.metadata() or {}, list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint (truncated, corrupted, or another "
+            f"format such as a pickle, which is never loaded): {err}"
+        ) from None
+    try:
+        manifest = json.loads(header["manifest"])
+        assert manifest["format"] == FORMAT
+    except (KeyError, AssertionError, json.JSONDecodeError, TypeError):
+        raise CheckpointError(f"{path} has no {FORMAT} manifest") from None
+    return manifest, names
+
+
+def metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest's user metadata, plus ``library`` and ``torch`` versions, without reading
+    any tensor."""
+    manifest, _ = _manifest(Path(path))
+    return {**manifest["metadata"], "library": manifest["library"], "torch": manifest["torch"]}
+
+
+def load(
+    path: str | os.PathLike, like: Any = None, *, device: str | torch.device = "cpu",
+    verify: bool = True,
+) -> Any:  # fmt: skip
+    """Read a checkpoint back.
+
+    With ``like`` (a tree of the expected structure: e.g. a freshly initialised state) the result
+    has exactly that structure, and every tensor must match its shape and dtype. Without it, the
+    result is nested dicts and lists rebuilt from the paths. ``verify`` checks every tensor's
+    CRC-32.
+    """
+    path = Path(path)
+    manifest, names = _manifest(path)
+    flat: dict[str, Any] = dict(manifest["values"])
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        for name in names:
+            flat[name] = f.get_tensor(name)
+    if verify:
+        bad = [n for n in names if _crc(flat[n].to("cpu")) != manifest["crc32"].get(n)]
+        if bad:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted data) in {bad}")
+    ordered = {name: flat[name] for name in manifest["paths"]}
+    if like is None:
+        return tree.unflatten(ordered)
+    _check_fits(path, ordered, tree.flatten(like))
+    return tree.unflatten(ordered, like=like)
+
+
+def _check_fits(path: Path, got: dict[str, Any], want: dict[str, Any]) -> None:
+    problems = [f"{n}: missing from the checkpoint" for n in want if n not in got]
+    problems += [f"{n}: in the checkpoint but not in `like`" for n in got if n not in want]
+    for name in want.keys() & got.keys():
+        a, b = got[name], want[name]
+        if isinstance(b, torch.Tensor) != isinstance(a, torch.Tensor):
+            problems.append(f"{name}: expected {type(b).__name__}, found {type(a).__name__}")
+        elif isinstance(b, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
+            problems.append(
+                f"{name}: expected {tuple(b.shape)} {b.dtype}, found {tuple(a.shape)} {a.dtype}"
+            )
+    if problems:
+        raise CheckpointError(f"{path} does not fit the requested tree:\n  " + "\n  ".join(
+            sorted(problems)
+        ))  # fmt: skip
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A frozen config dataclass as JSON-ready data (dtypes as their names)."""
+    fields = dataclasses.asdict(config)
+    return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+            for k, v in fields.items()}  # fmt: skip
+
+
+def config_from_dict(cls: type, fields: dict[str, Any]) -> Any:
+    """The inverse of :func:`config_to_dict`; the config validates itself as usual."""
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    converted = {
+        k: getattr(torch, v) if "dtype" in str(hints.get(k, "")) and isinstance(v, str) else v
+        for k, v in fields.items()
+    }
+    return cls(**converted)
+
+
+def _library_version() -> str:
+    from functional_llm import __version__
+
+    return __version__
+
+
+class Checkpointer:
+    """Numbered checkpoints of one run in a directory: ``step_00000100.safetensors``.
+
+    ``save(step, state, metadata)`` writes one (atomically) and deletes all but the newest
+    ``keep``; ``latest()`` is the newest step or ``None``; ``load(like, step=None)`` reads the
+    newest (or the given) step.
+    """
+
+    _NAME = re.compile(r"^step_(\d+)\.safetensors$")
+
+    def __init__(self, directory: str | os.PathLike, keep: int | None = 3) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"Checkpointer.keep must be >= 1 or None, got {keep}")
+        self.directory, self.keep = Path(directory), keep
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}.safetensors"
+
+    def steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (self._NAME.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None) -> Path:
+        path = save(self.path(step), state, {**(metadata or {}), "step": step})
+        if self.keep is not None:
+            for old in self.steps()[: -self.keep]:
+                self.path(old).unlink(missing_ok=True)
+        return path
+
+    def load(self, like: Any = None, step: int | None = None) -> Any:
+        step = self.latest() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoints in {self.directory}")
+        return load(self.path(step), like)
