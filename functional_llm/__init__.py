@@ -8,6 +8,7 @@ logits = model.apply(params, tokens)
 
 from functional_llm import (
     checkpoint,
+    data,
     init,
     interop,
     losses,
@@ -24,6 +25,7 @@ from functional_llm.interop import torch_nn
 __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
+    "data",
     "init",
     "interop",
     "losses",

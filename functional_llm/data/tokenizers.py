@@ -1,0 +1,113 @@
+"""Character- and byte-level tokenizers: exact, reversible, saved as JSON.
+
+* :class:`CharTokenizer` gives each character of a training text one id (nanoGPT's
+  ``shakespeare_char``: 65 ids for tiny Shakespeare); an unseen character is an error that
+  names it and its position.
+* :class:`ByteTokenizer` maps UTF-8 bytes to ids 0-255: any text, no training, a fixed
+  vocabulary of 256.
+
+Both encode to ``numpy`` arrays (fast on whole corpora) and decode lists, arrays or tensors.
+``tokenizer.save(path)`` writes JSON atomically; :func:`load_tokenizer` reads either kind back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ByteTokenizer", "CharTokenizer", "load_tokenizer"]
+
+Ids = list[int] | np.ndarray | torch.Tensor
+
+
+def _as_list(ids: Ids) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        return ids.tolist()
+    return np.asarray(ids).tolist()
+
+
+def _write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class CharTokenizer:
+    """One id per character; ``chars[i]`` is the character with id ``i``."""
+
+    chars: str
+
+    def __post_init__(self) -> None:
+        if not self.chars or len(set(self.chars)) != len(self.chars):
+            raise ValueError("CharTokenizer.chars must be non-empty and without repeats")
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        """The sorted set of characters in ``text``."""
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        vocab = np.frombuffer(self.chars.encode("utf-32-le"), dtype=np.uint32)
+        table = np.full(int(max(vocab.max(), codes.max(initial=0))) + 1, -1, dtype=np.int64)
+        table[vocab] = np.arange(len(vocab))
+        ids = table[codes]
+        if (ids < 0).any():
+            at = int(np.argmax(ids < 0))
+            raise ValueError(
+                f"CharTokenizer: character {text[at]!r} at position {at} is not in the "
+                f"vocabulary of {self.vocab_size} characters"
+            )
+        return ids
+
+    def decode(self, ids: Ids) -> str:
+        return "".join(self.chars[i] for i in _as_list(ids))
+
+    def save(self, path: str | os.PathLike) -> None:
+        _write_json(path, {"type": "char", "chars": self.chars})
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255. Decoding replaces invalid byte sequences with U+FFFD."""
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids: Ids) -> str:
+        return bytes(_as_list(ids)).decode("utf-8", errors="replace")
+
+    def save(self, path: str | os.PathLike) -> None:
+        _write_json(path, {"type": "byte"})
+
+
+def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | ByteTokenizer:
+    """Read a tokenizer written by ``save`` (JSON only; nothing is executed)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    kind = data.get("type")
+    if kind == "char":
+        return CharTokenizer(data["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"{path}: unknown tokenizer type {kind!r} (expected 'char' or 'byte')")
