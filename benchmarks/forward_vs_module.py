@@ -37,11 +37,12 @@ class ModuleGPT(nn.Module):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         layer = nn.TransformerEncoderLayer(
             cfg.d_model, cfg.n_heads, cfg.ffn_dim, dropout=0.0, activation="gelu", batch_first=True,
-            norm_first=True,
+            norm_first=True, bias=cfg.bias,
         )  # fmt: skip
         self.blocks = nn.TransformerEncoder(
-            layer, cfg.n_layers, norm=nn.LayerNorm(cfg.d_model), enable_nested_tensor=False
-        )
+            layer, cfg.n_layers, norm=nn.LayerNorm(cfg.d_model, bias=cfg.bias),
+            enable_nested_tensor=False,
+        )  # fmt: skip
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
@@ -58,7 +59,8 @@ def load_into(module: ModuleGPT, model: fl.models.GPT, params: dict) -> None:
         for layer, p in zip(module.blocks.layers, params["blocks"], strict=True):
             layer.load_state_dict(torch_nn.to_encoder_layer(model.block, p).state_dict())
         module.blocks.norm.weight.copy_(params["norm"]["scale"])
-        module.blocks.norm.bias.copy_(params["norm"]["bias"])
+        if module.blocks.norm.bias is not None:
+            module.blocks.norm.bias.copy_(params["norm"]["bias"])
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

@@ -9,6 +9,7 @@ logits = model.apply(params, tokens)
 from functional_llm import (
     checkpoint,
     data,
+    generate,
     init,
     interop,
     losses,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
     "data",
+    "generate",
     "init",
     "interop",
     "losses",

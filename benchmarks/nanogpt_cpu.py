@@ -1,0 +1,140 @@
+"""nanoGPT's CPU table, side by side: the conventional loop against ``experiments/pretrain_gpt.py``.
+
+nanoGPT's README trains ``shakespeare_char`` on CPU with 4 layers, 4 heads, d 128, block 64,
+batch 12, 2000 iterations, AdamW lr 1e-3 -> 1e-4 (cosine, 100 warmup), beta2 0.99, weight
+decay 0.1 on matrices, clip 1.0, dropout 0, no biases, and reports val loss 1.88 ("about 3
+minutes"; 1.8857 in 2 m 40 s on these machines, ``../shared/data/README.md``).
+
+This script runs that recipe twice in one process, on the same file, the same 90/10 split,
+the same initial weights and the same batches:
+
+* **reference**: the model as an ``nn.Module`` (``forward_vs_module.ModuleGPT``, pre-LN
+  ``nn.TransformerEncoder``, tied output), ``loss.backward()``, ``clip_grad_norm_``,
+  ``torch.optim.AdamW(foreach=True)`` with nanoGPT's two param groups and its lr formula;
+* **ours**: ``experiments/pretrain_gpt.main`` with the same flags (``--flavour`` picks the
+  architecture; ``gpt2`` is the same model as the reference).
+
+It prints, for each, the validation loss (nanoGPT's 20-batch estimate and the exact loss over the
+whole validation split) and the training-loop wall time, and the time ratio ours / reference.
+
+    python benchmarks/nanogpt_cpu.py --data ../shared/data/tinyshakespeare.txt [--flavour llama]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import functional_llm as fl
+from functional_llm import data, random
+
+sys.path.insert(0, str(Path(__file__).parent))
+from forward_vs_module import ModuleGPT, load_into
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_experiment():
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_gpt", ROOT / "experiments/pretrain_gpt.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def nanogpt_lr(it: int, args) -> float:
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / (args.warmup_iters + 1)
+    ratio = (it - args.warmup_iters) / (args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(ratio, 1.0))) * (args.lr - args.min_lr)
+
+
+def reference_run(exp, args) -> dict[str, float]:
+    """The conventional loop, initialised and fed exactly as the experiment is."""
+    text = Path(args.data).read_text(encoding="utf-8")
+    tok = data.CharTokenizer.train(text)
+    ids = torch.from_numpy(tok.encode(text))
+    split = int(0.9 * len(ids))
+    train_ids, val_ids = ids[:split], ids[split:]
+    cfg = exp.model_config(args, tok.vocab_size)
+    k_init, _, k_data, k_eval, _ = random.split(random.key(args.seed), 5)
+    module = ModuleGPT(cfg)
+    load_into(module, fl.models.GPT(cfg), fl.models.GPT(cfg).init(k_init))
+    decay = [p for p in module.parameters() if p.dim() >= 2]
+    rest = [p for p in module.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": rest, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, args.beta2), foreach=True,
+    )  # fmt: skip
+
+    def loss_of(batch) -> torch.Tensor:
+        logits = module(batch["inputs"])
+        return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+
+    @torch.no_grad()
+    def estimate(tokens, key) -> float:
+        module.eval()
+        shape = (args.batch_size, args.block_size)
+        values = [
+            loss_of(data.sample_windows(tokens, random.fold_in(key, i), *shape))
+            for i in range(args.eval_iters)
+        ]
+        module.train()
+        return float(torch.stack(values).mean())
+
+    start = time.perf_counter()
+    for it in range(args.max_iters):
+        if it % args.eval_interval == 0:
+            estimate(val_ids, random.fold_in(random.fold_in(k_eval, it), 1))
+        for group in opt.param_groups:
+            group["lr"] = nanogpt_lr(it, args)
+        batch = data.sample_windows(
+            train_ids, random.fold_in(k_data, it), args.batch_size, args.block_size
+        )
+        loss_of(batch).backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    val = estimate(val_ids, random.fold_in(random.fold_in(k_eval, args.max_iters), 1))
+    with torch.no_grad():
+        module.eval()
+        total, count = 0.0, 0
+        for batch in data.eval_windows(val_ids, 64, args.block_size):
+            total += float(loss_of(batch)) * batch["targets"].numel()
+            count += batch["targets"].numel()
+    return {"val_loss": val, "full_val_loss": total / count, "train_s": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--flavour", choices=("gpt2", "llama"), default="gpt2")
+    p.add_argument("--max-iters", type=int, default=2000)
+    p.add_argument("--out-dir", default="out/nanogpt_cpu")
+    cli = p.parse_args()
+    exp = load_experiment()
+    flags = ["--data", cli.data, "--max-iters", str(cli.max_iters), "--no-plot"]
+    args = exp.parse_args([*flags, "--out-dir", cli.out_dir])
+    reference = reference_run(exp, args)
+    ours = exp.main([*flags, "--out-dir", cli.out_dir, "--flavour", cli.flavour])
+    print("\n| run | val loss (20-batch estimate) | val loss (whole split) | training s |")
+    print("|---|---|---|---|")
+    print(f"| reference (nn.Module loop, gpt2) | {reference['val_loss']:.4f} | "
+          f"{reference['full_val_loss']:.4f} | {reference['train_s']:.1f} |")  # fmt: skip
+    print(f"| ours ({cli.flavour}) | {ours['val_loss']:.4f} | {ours['full_val_loss']:.4f} | "
+          f"{ours['train_s']:.1f} |")  # fmt: skip
+    print(f"time ratio ours / reference: {ours['train_s'] / reference['train_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

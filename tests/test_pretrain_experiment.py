@@ -1,0 +1,71 @@
+"""The main job end to end on a tiny config: outputs written, and --resume continuing a run
+lands bitwise on the same state as the run that never stopped."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from functional_llm import checkpoint
+from functional_llm.testing import assert_trees_equal
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_gpt.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("pretrain_gpt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = [
+    "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+    "--batch-size", "2", "--eval-interval", "3", "--eval-iters", "1", "--log-interval", "1",
+    "--ckpt-interval", "3", "--sample-chars", "5", "--warmup-iters", "2", "--lr-decay-iters", "6",
+]  # fmt: skip
+
+
+def corpus(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("to be, or not to be: that is the question.\n" * 40, encoding="utf-8")
+    return str(path)
+
+
+def test_training_writes_every_output(script, tmp_path):
+    out = tmp_path / "run"
+    result = script.main([*TINY, "--data", corpus(tmp_path), "--max-iters", "6",
+                          "--out-dir", str(out)])  # fmt: skip
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
+    assert {"grad_norm", "learning_rate", "tokens", "accuracy"} <= set(records[1])
+    assert (out / "loss.png").stat().st_size > 0
+    assert len((out / "samples.txt").read_text()) >= 5
+    assert checkpoint.Checkpointer(out / "checkpoints").steps() == [3, 6]
+    assert result["full_val_loss"] > 0
+
+
+def test_resume_continues_bitwise(script, tmp_path):
+    text = corpus(tmp_path)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(straight)])
+    script.main([*TINY, "--data", text, "--max-iters", "3", "--out-dir", str(resumed)])
+    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(resumed),
+                 "--resume"])  # fmt: skip
+    a = checkpoint.Checkpointer(straight / "checkpoints").load()
+    b = checkpoint.Checkpointer(resumed / "checkpoints").load()
+    assert_trees_equal(b, a)
+    losses = lambda run: [  # noqa: E731
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert losses(resumed)[-3:] == losses(straight)[-3:]
+
+
+def test_default_corpus_is_the_standard_library_source(script):
+    text = script.stdlib_corpus(0.05)
+    assert len(text) >= 50_000 and "def " in text and "import " in text
