@@ -69,7 +69,12 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
 def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """``fn(path, leaf, *other_leaves)`` over matching leaves; ``path`` is the dotted path."""
-    return optree.tree_map_with_path(lambda p, *xs: fn(_join(p), *xs), tree, *rest)
+    # Built on tree_paths rather than optree.tree_map_with_path: under torch.compile, dynamo's
+    # polyfill of the latter hands the function wrong paths (torch 2.13), silently.
+    leaves_, spec = optree.tree_flatten(tree)
+    others = [spec.flatten_up_to(r) for r in rest]
+    mapped = [fn(p, *xs) for p, *xs in zip(paths(tree), leaves_, *others, strict=True)]
+    return optree.tree_unflatten(spec, mapped)
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:

@@ -26,7 +26,9 @@ CFG = fl.models.GPTConfig(
 def setup(cfg=CFG, schedule=1e-2, **opt_kw):
     model = fl.models.GPT(cfg)
     params = model.init(random.key(0))
-    opt = optim.adamw(schedule, b2=0.99, weight_decay=0.1, **opt_kw)
+    # nanoGPT's decay mask: a callable, resolved once per tree structure, compiled as constants.
+    decay_matrices = lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+    opt = optim.adamw(schedule, b2=0.99, weight_decay=0.1, mask=decay_matrices, **opt_kw)
     return model, params, opt, train.init_state(params, opt, random.key(1))
 
 

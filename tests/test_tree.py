@@ -120,3 +120,17 @@ def test_partition_keeps_existing_holes():
     selected, rest = tree.partition(holey, {"a": True, "b": True, "c": False})
     assert selected == {"a": holey["a"], "b": None, "c": None}
     assert rest == {"a": None, "b": None, "c": holey["c"]}
+
+
+def test_map_with_path_sees_the_same_paths_compiled():
+    """dynamo's polyfill of optree.tree_map_with_path passes wrong paths (torch 2.13); ours
+    must not, since masks and labels are computed from paths inside compiled steps."""
+    t = {"w": torch.ones(1), "a": {"b": torch.ones(1), "c": [torch.ones(1)]}}
+
+    def tag(tree_):
+        return tree.map_with_path(lambda p, x: x * (2.0 if p in ("w", "a.c.0") else 3.0), tree_)
+
+    eager, compiled = tag(t), torch.compile(tag, fullgraph=True)(t)
+    for path, x in tree.flatten(compiled).items():
+        assert torch.equal(x, tree.flatten(eager)[path]), path
+    assert float(compiled["a"]["c"][0]) == 2.0 and float(compiled["a"]["b"]) == 3.0

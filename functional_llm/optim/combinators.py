@@ -68,19 +68,31 @@ def _per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
 
 def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformation:
     """Apply ``inner`` where ``mask`` (a bool tree, or a function of params giving one) is True;
-    other updates pass through unchanged. The inner state only has the masked leaves."""
+    other updates pass through unchanged.
+
+    ``inner`` sees the selected leaves as a flat ``{dotted path: leaf}`` dict, and its state
+    holds only those leaves. (A flat dict rather than the tree with ``None`` holes: dynamo
+    cannot flatten a nested dict whose entries are all holes, so this keeps masked optimizers
+    compilable inside a whole train step.)"""
 
     resolve = _per_structure(mask)
+    chosen_paths = _per_structure(
+        lambda params: frozenset(p for p, keep in tree.flatten(resolve(params)).items() if keep)
+    )
+
+    def select(t: PyTree, paths: frozenset) -> dict[str, Any]:
+        return {p: x for p, x in tree.flatten(t).items() if p in paths}
 
     def init(params: PyTree) -> PyTree:
-        return inner.init(tree.partition(params, resolve(params))[0])
+        return inner.init(select(params, chosen_paths(params)))
 
     def update(updates: PyTree, state: PyTree, params: PyTree | None = None, **extra: Any) -> tuple:
-        keep = resolve(params if params is not None else updates)
-        chosen, passthrough = tree.partition(updates, keep)
-        masked_params = None if params is None else tree.partition(params, keep)[0]
-        new, state = inner.update(chosen, state, masked_params, **extra)
-        return tree.combine(new, passthrough), state
+        paths = chosen_paths(params if params is not None else updates)
+        chosen = select(updates, paths)
+        chosen_params = None if params is None else select(params, paths)
+        new, state = inner.update(chosen, state, chosen_params, **extra)
+        merged = tree.map_with_path(lambda p, x: new[p] if p in paths else x, updates)
+        return merged, state
 
     return GradientTransformation(init, update)
 
@@ -121,22 +133,20 @@ def multi_transform(
         }
 
     masks = _per_structure(compute_masks)
+    parts = {
+        name: masked(t, lambda params, name=name: masks(params)[name])
+        for name, t in transforms.items()
+    }
 
     def init(params: PyTree) -> dict[str, PyTree]:
-        return {
-            name: masked(t, m).init(params)
-            for (name, t), m in zip(transforms.items(), masks(params).values(), strict=True)
-        }
+        return {name: part.init(params) for name, part in parts.items()}
 
     def update(
         updates: PyTree, state: dict[str, PyTree], params: PyTree | None = None, **extra: Any
     ) -> tuple:
-        label_masks = masks(params if params is not None else updates)
         new_state = {}
-        for name, t in transforms.items():
-            updates, new_state[name] = masked(t, label_masks[name]).update(
-                updates, state[name], params, **extra
-            )
+        for name, part in parts.items():
+            updates, new_state[name] = part.update(updates, state[name], params, **extra)
         return updates, new_state
 
     return GradientTransformation(init, update)
