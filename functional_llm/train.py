@@ -15,13 +15,13 @@ fullgraph=True)`` compiles once for a whole run. A step is an ordinary function:
 an EMA of the params, an extra loss term or logging, without touching this module.
 
 **The gradient path** is :func:`value_and_grad`, built on ``torch.autograd.grad`` (the choice
-DESIGN.md asks to make on evidence; measured on a 6-layer d=384 GPT, batch 8x256, 2 CPU cores):
+DESIGN.md asks to make on evidence; ``benchmarks/gradient_path.py``, a 6-layer d=384 GPT, batch
+8x256, 2 CPU cores):
 
+* the same speed as ``torch.func.grad_and_value`` (0.91x eager, 1.04x compiled, within noise);
+* half the eager peak memory (357 MB against 682 MB; the same compiled, about 315 MB);
 * it runs activation checkpointing (:func:`functional_llm.nn.remat`), eagerly and compiled,
-  which ``torch.func.grad`` refuses (pytorch#122729); remat cut the step's peak memory from
-  377 MB to 198 MB eager and from 304 MB to 181 MB compiled;
-* without remat it needs less memory than ``torch.func.grad_and_value`` eagerly (377 MB against
-  694 MB) at the same speed, and the same compiled;
+  which ``torch.func.grad`` refuses (pytorch#122729): 174 MB eager, 185 MB compiled;
 * DTensor methods stay available inside the loss (they vanish under ``torch.func`` transforms);
 * dynamo traces it into one graph with ``torch._dynamo.config.trace_autograd_ops``, which
   importing this module turns on.
