@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--ckpt-interval", type=int, default=500)
     a("--seed", type=int, default=1337)
     a("--compile", action="store_true", help="torch.compile the whole step (fullgraph)")
+    a("--donate", action="store_true",
+      help="eager only: steps reuse the old state's buffers (fused in-place AdamW)")  # fmt: skip
     a("--remat", action="store_true", help="recompute block activations in the backward pass")
     a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
     a("--threads", type=int, default=None, help="torch intra-op threads")
@@ -78,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     args.warmup_iters = min(args.warmup_iters, args.lr_decay_iters)
+    if args.donate and args.compile:
+        p.error("--donate is for eager steps; a compiled step returns fresh buffers")
     return args
 
 
@@ -111,17 +116,18 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> fl.models.GPTConf
     return fl.models.GPTConfig(**fields)
 
 
-def optimizer(args: argparse.Namespace) -> tuple[optim.GradientTransformation, optim.Schedule]:
+def optimizer(args: argparse.Namespace) -> tuple[Any, optim.Schedule]:
     """nanoGPT's AdamW: decay on tensors with 2+ axes (matrices, embeddings), not norms/biases;
-    its schedule: step t < warmup has lr (t + 1) / (warmup + 1), then cosine to ``min_lr``."""
+    its schedule: step t < warmup has lr (t + 1) / (warmup + 1), then cosine to ``min_lr``.
+    With ``--donate`` the same update runs as one fused in-place kernel per group."""
     schedule = optim.warmup_cosine(
         args.lr, args.warmup_iters, args.lr_decay_iters,
         init_value=args.lr / (args.warmup_iters + 1), end_value=args.min_lr,
     )  # fmt: skip
     decay = lambda params: fl.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    return optim.adamw(
-        schedule, b1=0.9, b2=args.beta2, weight_decay=args.weight_decay, mask=decay
-    ), schedule
+    make = optim.adamw_donated if args.donate else optim.adamw
+    opt = make(schedule, b1=0.9, b2=args.beta2, weight_decay=args.weight_decay, mask=decay)
+    return opt, schedule
 
 
 def estimate(eval_step, params, tokens, args, key) -> float:
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     precision = train.Precision("float32", "bfloat16") if args.bf16 else None
     step = train.make_step(
         losses.next_token(model), opt, accumulate=args.accumulate, precision=precision,
-        clip_norm=args.grad_clip or None, learning_rate=schedule,
+        clip_norm=args.grad_clip or None, learning_rate=schedule, donate=args.donate,
     )  # fmt: skip
     eval_step = train.make_eval_step(losses.next_token(model), precision)
     if args.compile:

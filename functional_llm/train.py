@@ -174,7 +174,8 @@ def _loss_and_grads(
 
     grad_fn = value_and_grad(loss_of, method)
     micro = [batch] if k == 1 else _split(batch, k)
-    results = [grad_fn(params, b, random.fold_in(key, i)) for i, b in enumerate(micro)]
+    keys = [key] if k == 1 else [random.fold_in(key, i) for i in range(k)]
+    results = [grad_fn(params, b, kk) for b, kk in zip(micro, keys, strict=True)]
     if k == 1:
         (loss, aux), grads = results[0]
         return loss, dict(aux), grads

@@ -20,13 +20,21 @@ def problem(seed, shape_list):
     return params, lambda p: fl.tree.map(lambda x, t: 2.0 * (x - t), p, target)
 
 
-@given(seed=st.integers(0, 2**31), s=shapes, donate=st.booleans(), wd=st.sampled_from([0.0, 0.1]))
-def test_donated_adamw_follows_adamw(seed, s, donate, wd):
+@given(
+    seed=st.integers(0, 2**31),
+    s=shapes,
+    donate=st.booleans(),
+    wd=st.sampled_from([0.0, 0.1]),
+    masked=st.booleans(),
+)
+def test_donated_adamw_follows_adamw(seed, s, donate, wd, masked):
     params, grad = problem(seed, s)
     schedule = optim.warmup_cosine(1e-2, 3, 10)
+    # nanoGPT's rule: decay tensors with 2+ axes only (a callable mask, resolved once).
+    mask = (lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)) if masked else None
     ref, fast = (
-        optim.adamw(schedule, weight_decay=wd),
-        optim.adamw_donated(schedule, weight_decay=wd),
+        optim.adamw(schedule, weight_decay=wd, mask=mask),
+        optim.adamw_donated(schedule, weight_decay=wd, mask=mask),
     )
     p_ref, s_ref = params, ref.init(params)
     p_fast = fl.tree.map(torch.clone, params)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from functional_llm import checkpoint
-from functional_llm.testing import assert_trees_equal
+from functional_llm.testing import assert_trees_close, assert_trees_equal
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_gpt.py"
 
@@ -69,3 +69,16 @@ def test_resume_continues_bitwise(script, tmp_path):
 def test_default_corpus_is_the_standard_library_source(script):
     text = script.stdlib_corpus(0.05)
     assert len(text) >= 50_000 and "def " in text and "import " in text
+
+
+def test_donated_run_follows_the_pure_run(script, tmp_path):
+    text = corpus(tmp_path)
+    pure, donated = tmp_path / "pure", tmp_path / "donated"
+    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(pure)])
+    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(donated),
+                 "--donate"])  # fmt: skip
+    a = checkpoint.Checkpointer(pure / "checkpoints").load()["state"][0]
+    b = checkpoint.Checkpointer(donated / "checkpoints").load()["state"][0]
+    assert_trees_close(b, a, rtol=1e-5, atol=1e-6)  # fused kernel vs foreach: rounding only
+    with pytest.raises(SystemExit):
+        script.parse_args(["--donate", "--compile"])

@@ -9,13 +9,15 @@ their buffers by ``torch._fused_adamw_``. With ``donate=False`` (the default) th
 first and leaves its inputs untouched.
 
 The update is AdamW exactly as :func:`functional_llm.optim.adamw` computes it (and as
-``torch.optim.AdamW(fused=True)``): ``p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``.
+``torch.optim.AdamW(fused=True)``): ``p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``,
+with the decay only where ``mask`` (a bool tree, or a function of params giving one, as for
+``adamw``) is True: two fused calls, one per group, like torch's two param groups.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -47,6 +49,17 @@ class AdamWDonated:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 1e-2
+    mask: Any = None
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _decays(self, params: PyTree, spec: Any) -> list[bool]:
+        """Per leaf: is it decayed? Resolved once per tree structure."""
+        if self.mask is None:
+            return [True] * spec.num_leaves
+        if spec not in self._memo:
+            m = self.mask(params) if callable(self.mask) else self.mask
+            self._memo[spec] = [bool(x) for x in spec.flatten_up_to(m)]
+        return self._memo[spec]
 
     def init(self, params: PyTree) -> AdamWDonatedState:
         count = torch.zeros((), dtype=torch.float32, device=first_device(params))
@@ -66,10 +79,15 @@ class AdamWDonated:
         mu, nu = spec.flatten_up_to(state.mu), spec.flatten_up_to(state.nu)
         lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
         count = state.count.add_(1)  # the state's own (donated or copied) counter
-        torch._fused_adamw_(
-            p, g, mu, nu, [], [count] * len(p), amsgrad=False, lr=lr, beta1=self.b1, beta2=self.b2,
-            weight_decay=self.weight_decay, eps=self.eps, maximize=False,
-        )  # fmt: skip
+        decays = self._decays(params, spec)
+        for wd in {self.weight_decay if d else 0.0 for d in decays}:
+            group = [i for i, d in enumerate(decays) if (self.weight_decay if d else 0.0) == wd]
+            pick = lambda xs, group=group: [xs[i] for i in group]  # noqa: E731
+            torch._fused_adamw_(
+                pick(p), pick(g), pick(mu), pick(nu), [], [count] * len(group), amsgrad=False,
+                lr=lr, beta1=self.b1, beta2=self.b2, weight_decay=wd, eps=self.eps,
+                maximize=False,
+            )  # fmt: skip
         return unflat(spec, p), AdamWDonatedState(count, unflat(spec, mu), unflat(spec, nu))
 
 
@@ -79,6 +97,8 @@ def adamw_donated(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    mask: Any = None,
 ) -> AdamWDonated:
-    """AdamW whose ``step`` can take donated buffers (see the module docs)."""
-    return AdamWDonated(learning_rate, b1, b2, eps, weight_decay)
+    """AdamW whose ``step`` can take donated buffers (see the module docs); ``mask`` limits the
+    weight decay, as in :func:`~functional_llm.optim.adamw`."""
+    return AdamWDonated(learning_rate, b1, b2, eps, weight_decay, mask)
