@@ -120,18 +120,21 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--flavour", choices=("gpt2", "llama"), default="gpt2")
     p.add_argument("--max-iters", type=int, default=2000)
+    p.add_argument("--donate", action="store_true", help="ours with the donated fused AdamW")
     p.add_argument("--out-dir", default="out/nanogpt_cpu")
     cli = p.parse_args()
     exp = load_experiment()
     flags = ["--data", cli.data, "--max-iters", str(cli.max_iters), "--no-plot"]
     args = exp.parse_args([*flags, "--out-dir", cli.out_dir])
     reference = reference_run(exp, args)
-    ours = exp.main([*flags, "--out-dir", cli.out_dir, "--flavour", cli.flavour])
+    extra = ["--donate"] if cli.donate else []
+    ours = exp.main([*flags, "--out-dir", cli.out_dir, "--flavour", cli.flavour, *extra])
     print("\n| run | val loss (20-batch estimate) | val loss (whole split) | training s |")
     print("|---|---|---|---|")
     print(f"| reference (nn.Module loop, gpt2) | {reference['val_loss']:.4f} | "
           f"{reference['full_val_loss']:.4f} | {reference['train_s']:.1f} |")  # fmt: skip
-    print(f"| ours ({cli.flavour}) | {ours['val_loss']:.4f} | {ours['full_val_loss']:.4f} | "
+    name = f"ours ({cli.flavour}{', donated' if cli.donate else ''})"
+    print(f"| {name} | {ours['val_loss']:.4f} | {ours['full_val_loss']:.4f} | "
           f"{ours['train_s']:.1f} |")  # fmt: skip
     print(f"time ratio ours / reference: {ours['train_s'] / reference['train_s']:.2f}")
 
