@@ -230,3 +230,23 @@ def test_eval_step_and_evaluate_weight_by_counted_tokens():
     whole, aux = losses.next_token(model)(params, {"inputs": inputs, "targets": targets})
     assert result["loss"] == pytest.approx(float(whole), rel=1e-5)
     assert result["count"] == float(aux["count"])
+
+
+def test_func_gradient_path_vmaps_over_an_ensemble_and_steps_alike():
+    model, params, opt, state = setup()
+    members = [params, fl.models.GPT(CFG).init(random.key(9))]
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *members)
+    loss_fn = losses.next_token(model)
+    vg = train.value_and_grad(loss_fn, method="func")
+    (losses_, _), grads = torch.func.vmap(vg, in_dims=(0, None, None))(stacked, batch(0), None)
+    for i, member in enumerate(members):
+        (loss, _), expected = train.value_and_grad(loss_fn)(member, batch(0), None)
+        torch.testing.assert_close(losses_[i], loss, rtol=1e-5, atol=1e-6)
+        assert_trees_close(
+            optree.tree_map(lambda g, i=i: g[i], grads), expected, rtol=1e-4, atol=1e-6
+        )
+    func_step = train.make_step(loss_fn, opt, clip_norm=1.0, grad_method="func")
+    auto_step = train.make_step(loss_fn, opt, clip_norm=1.0)
+    a, _ = run(func_step, state, 3)
+    b, _ = run(auto_step, state, 3)
+    assert_trees_close(a.params, b.params, rtol=1e-4, atol=1e-5)
