@@ -6,9 +6,11 @@
     python experiments/pretrain_gpt.py --compile                # the same run, one compiled step
 
 With no arguments it trains on a corpus every machine has: the ``.py`` files of the running
-Python's standard library (tests excluded, files in sorted order, the first ``--corpus-mb``
-MB), code generation being one of the article's applications. Any ``--data FILE`` is read as
-UTF-8 text instead. The first 90 % of the tokens train, the last 10 % validate.
+Python's standard library (tests excluded; every k-th file in sorted order, k chosen to keep
+about ``--corpus-mb`` MB), code generation being one of the article's applications. Any
+``--data FILE`` is read as UTF-8 text instead. The first 90 % of the tokens train, the last
+10 % validate; the stdlib corpus is ordered so that its last tenth is every tenth file, from
+all over the library.
 
 The defaults are nanoGPT's published CPU config for ``shakespeare_char``: 4 layers, 4 heads,
 d 128, block 64, batch 12, 2000 iterations, AdamW lr 1e-3 cosine to 1e-4 after 100 warmup
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import sysconfig
 import time
@@ -87,22 +90,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def stdlib_corpus(max_mb: float) -> str:
-    """The standard library's ``.py`` files in sorted order (tests skipped) up to ``max_mb``."""
+    """The standard library's ``.py`` files (tests skipped): every k-th in sorted order, about
+    ``max_mb`` MB, arranged so that every tenth chosen file comes last (the validation split)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    parts, size = [], 0
+    skip = {"test", "tests", "idle_test", "site-packages"}
+    texts = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).parts
-        if any(part in ("test", "tests", "idle_test", "site-packages") for part in rel):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        parts.append(f"# {'/'.join(rel)}\n{text}\n")
-        size += len(text)
-        if size >= max_mb * 1e6:
-            break
-    return "".join(parts)
+        if skip.isdisjoint(rel):
+            try:
+                texts.append(f"# {'/'.join(rel)}\n{path.read_text(encoding='utf-8')}\n")
+            except (UnicodeDecodeError, OSError):
+                continue
+    stride = max(1, math.ceil(sum(map(len, texts)) / (max_mb * 1e6)))
+    chosen = texts[::stride]
+    held_out = [t for i, t in enumerate(chosen) if i % 10 == 9]
+    return "".join([t for i, t in enumerate(chosen) if i % 10 != 9] + held_out)
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> fl.models.GPTConfig:
