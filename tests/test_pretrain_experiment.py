@@ -3,6 +3,7 @@ lands bitwise on the same state as the run that never stopped."""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,13 @@ def test_resume_continues_bitwise(script, tmp_path):
     assert losses(resumed)[-3:] == losses(straight)[-3:]
 
 
-def test_default_corpus_is_the_standard_library_source(script):
-    text = script.stdlib_corpus(0.05)
-    assert len(text) >= 50_000 and "def " in text and "import " in text
+def test_default_corpus_samples_the_whole_standard_library(script):
+    text = script.stdlib_corpus(1.0)
+    files = re.findall(r"^# (\S+\.py)$", text, flags=re.M)
+    assert len(text) >= 0.5e6 and "def " in text and len(files) >= 30
+    assert min(files) < "c" and max(files) > "t"  # from all over the alphabet of modules
+    held_out = files[len(files) - len(files) // 10 :]  # every tenth file comes last
+    assert held_out == sorted(held_out) and min(held_out) < "m" < max(held_out)
 
 
 def test_donated_run_follows_the_pure_run(script, tmp_path):
