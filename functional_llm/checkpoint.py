@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from functional_llm import tree
+from functional_llm.files import atomic_path
 
 __all__ = [
     "CheckpointError",
@@ -93,30 +93,9 @@ def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = 
         header = {"manifest": json.dumps(manifest)}
     except TypeError as err:
         raise TypeError(f"checkpoint.save: metadata must be JSON-serialisable: {err}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest(path: Path) -> tuple[dict[str, Any], list[str]]:

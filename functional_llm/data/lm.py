@@ -16,7 +16,6 @@ resumed from a checkpoint at step ``t`` continues with exactly the batches it wo
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from functional_llm import random
+from functional_llm.files import write_atomic
 
 __all__ = ["TokenWindows", "eval_windows", "read_tokens", "sample_windows", "write_tokens"]
 
@@ -38,15 +38,7 @@ def write_tokens(path: str | os.PathLike, ids: Tokens, vocab_size: int | None = 
     if ids.size and int(ids.min()) < 0:
         raise ValueError("write_tokens: token ids must be >= 0")
     dtype = np.dtype("<u2") if top <= 2**16 else np.dtype("<u4")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(ids.astype(dtype).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, ids.astype(dtype).tobytes())
 
 
 def read_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.ndarray:

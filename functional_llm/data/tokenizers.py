@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from functional_llm.files import write_atomic
 
 __all__ = ["ByteTokenizer", "CharTokenizer", "load_tokenizer"]
 
@@ -34,14 +35,7 @@ def _as_list(ids: Ids) -> list[int]:
 
 
 def _write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
 
 
 @dataclass(frozen=True)
