@@ -244,7 +244,7 @@ def make_step(
             params, opt_state = optimizer.step(state.params, grads, state.opt_state, donate=donate)
         else:
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = _apply(state.params, updates, donate)
+            params = apply_updates(state.params, updates, donate=donate)
         metrics = {**aux, "loss": loss, "grad_norm": norm}
         if "count" in aux:
             metrics["tokens"] = aux["count"]
@@ -253,18 +253,6 @@ def make_step(
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     return step
-
-
-def _apply(params: PyTree, updates: PyTree, donate: bool) -> PyTree:
-    if not donate:
-        return apply_updates(params, updates)
-    leaves, spec = optree.tree_flatten(params)
-    present = [
-        (p, u) for p, u in zip(leaves, spec.flatten_up_to(updates), strict=True) if u is not None
-    ]
-    if present:
-        torch._foreach_add_([p for p, _ in present], [u.to(p.dtype) for p, u in present])
-    return params
 
 
 def make_eval_step(

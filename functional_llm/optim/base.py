@@ -93,17 +93,22 @@ def first_device(tree: PyTree) -> torch.device | None:
     return leaves[0].device if leaves else None
 
 
-def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+def apply_updates(params: PyTree, updates: PyTree, *, donate: bool = False) -> PyTree:
     """``params + updates`` leaf by leaf, in the params' dtype; holes in ``updates`` leave the
-    param unchanged."""
+    param unchanged. ``donate=True``: ``params`` is consumed and the sums are written into its
+    buffers (no fresh params-sized allocations); the default leaves it untouched."""
     p, spec = flat(params)
     u = spec.flatten_up_to(updates)
     present = [i for i, x in enumerate(u) if x is not None]
     if not present:
         return params
+    targets = [p[i] for i in present]
+    deltas = [u[i].to(p[i].dtype) for i in present]
+    if donate:
+        torch._foreach_add_(targets, deltas)
+        return params
     new = list(p)
-    summed = torch._foreach_add([p[i] for i in present], [u[i].to(p[i].dtype) for i in present])
-    for i, x in zip(present, summed, strict=True):
+    for i, x in zip(present, torch._foreach_add(targets, deltas), strict=True):
         new[i] = x
     return unflat(spec, new)
 
