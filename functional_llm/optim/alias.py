@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from functional_llm.optim.base import GradientTransformation, ScalarOrSchedule, chain, identity
-from functional_llm.optim.combinators import MaskOrFn
+from functional_llm.optim.base import (
+    GradientTransformation,
+    MaskOrFn,
+    ScalarOrSchedule,
+    chain,
+    identity,
+)
 from functional_llm.optim.factored import (
     clip_by_block_rms,
     scale_by_factored_rms,

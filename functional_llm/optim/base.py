@@ -23,6 +23,8 @@ from typing import Any, NamedTuple, Protocol
 import optree
 import torch
 
+from functional_llm import tree
+
 __all__ = [
     "EmptyState",
     "GradientTransformation",
@@ -36,6 +38,7 @@ __all__ = [
 PyTree = Any
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 ScalarOrSchedule = float | torch.Tensor | Schedule
+MaskOrFn = PyTree | Callable[[PyTree], PyTree]
 
 
 class InitFn(Protocol):
@@ -91,6 +94,26 @@ def counter(device: torch.device | None = None) -> torch.Tensor:
 def first_device(tree: PyTree) -> torch.device | None:
     leaves = optree.tree_leaves(tree)
     return leaves[0].device if leaves else None
+
+
+def per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
+    """The mask (or labels) for a params tree, computed once per tree structure.
+
+    Masks depend on paths only, so the result is memoised by the tuple of paths: ``init``
+    (run eagerly) fills the memo, and a ``torch.compile``d ``update`` then reads a constant
+    instead of tracing the user's path-matching code.
+    """
+    if not callable(mask_or_fn):
+        return lambda params: mask_or_fn
+    memo: dict[tuple[str, ...], PyTree] = {}
+
+    def resolve(params: PyTree) -> PyTree:
+        key = tuple(tree.paths(params))
+        if key not in memo:
+            memo[key] = mask_or_fn(params)
+        return memo[key]
+
+    return resolve
 
 
 def apply_updates(params: PyTree, updates: PyTree, *, donate: bool = False) -> PyTree:

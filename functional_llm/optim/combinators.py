@@ -22,11 +22,13 @@ import torch
 from functional_llm import tree
 from functional_llm.optim.base import (
     GradientTransformation,
+    MaskOrFn,
     PyTree,
     as_schedule,
     counter,
     first_device,
     flat,
+    per_structure,
     step_if,
     unflat,
     zeros_like,
@@ -43,28 +45,6 @@ __all__ = [
     "multi_transform",
 ]
 
-MaskOrFn = PyTree | Callable[[PyTree], PyTree]
-
-
-def _per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
-    """The mask (or labels) for a params tree, computed once per tree structure.
-
-    Masks depend on paths only, so the result is memoised by the tuple of paths: ``init``
-    (run eagerly) fills the memo, and a ``torch.compile``d ``update`` then reads a constant
-    instead of tracing the user's path-matching code.
-    """
-    if not callable(mask_or_fn):
-        return lambda params: mask_or_fn
-    memo: dict[tuple[str, ...], PyTree] = {}
-
-    def resolve(params: PyTree) -> PyTree:
-        key = tuple(tree.paths(params))
-        if key not in memo:
-            memo[key] = mask_or_fn(params)
-        return memo[key]
-
-    return resolve
-
 
 def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformation:
     """Apply ``inner`` where ``mask`` (a bool tree, or a function of params giving one) is True;
@@ -75,8 +55,8 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
     cannot flatten a nested dict whose entries are all holes, so this keeps masked optimizers
     compilable inside a whole train step.)"""
 
-    resolve = _per_structure(mask)
-    chosen_paths = _per_structure(
+    resolve = per_structure(mask)
+    chosen_paths = per_structure(
         lambda params: frozenset(p for p, keep in tree.flatten(resolve(params)).items() if keep)
     )
 
@@ -118,7 +98,7 @@ def multi_transform(
     """One transform per label; ``labels`` is a tree of label strings over params (or a function
     of params giving one, e.g. :func:`labels_by_path`). Use :func:`set_to_zero` to freeze."""
 
-    resolve = _per_structure(labels)
+    resolve = per_structure(labels)
 
     def compute_masks(params: PyTree) -> dict[str, PyTree]:
         labelled = resolve(params)
@@ -132,7 +112,7 @@ def multi_transform(
             for name in transforms
         }
 
-    masks = _per_structure(compute_masks)
+    masks = per_structure(compute_masks)
     parts = {
         name: masked(t, lambda params, name=name: masks(params)[name])
         for name, t in transforms.items()

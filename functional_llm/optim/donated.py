@@ -23,10 +23,12 @@ import optree
 import torch
 
 from functional_llm.optim.base import (
+    MaskOrFn,
     PyTree,
     ScalarOrSchedule,
     first_device,
     flat,
+    per_structure,
     unflat,
     zeros_like,
 )
@@ -49,17 +51,17 @@ class AdamWDonated:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 1e-2
-    mask: Any = None
-    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    mask: MaskOrFn | None = None
+    _resolve: Any = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_resolve", per_structure(self.mask))
 
     def _decays(self, params: PyTree, spec: Any) -> list[bool]:
-        """Per leaf: is it decayed? Resolved once per tree structure."""
+        """Per leaf: is it decayed? (The mask is resolved once per tree structure.)"""
         if self.mask is None:
             return [True] * spec.num_leaves
-        if spec not in self._memo:
-            m = self.mask(params) if callable(self.mask) else self.mask
-            self._memo[spec] = [bool(x) for x in spec.flatten_up_to(m)]
-        return self._memo[spec]
+        return [bool(x) for x in spec.flatten_up_to(self._resolve(params))]
 
     def init(self, params: PyTree) -> AdamWDonatedState:
         count = torch.zeros((), dtype=torch.float32, device=first_device(params))
@@ -97,7 +99,7 @@ def adamw_donated(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
-    mask: Any = None,
+    mask: MaskOrFn | None = None,
 ) -> AdamWDonated:
     """AdamW whose ``step`` can take donated buffers (see the module docs); ``mask`` limits the
     weight decay, as in :func:`~functional_llm.optim.adamw`."""

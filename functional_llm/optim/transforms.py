@@ -17,6 +17,7 @@ import torch
 from functional_llm.optim.base import (
     EmptyState,
     GradientTransformation,
+    MaskOrFn,
     PyTree,
     ScalarOrSchedule,
     Schedule,
@@ -26,7 +27,7 @@ from functional_llm.optim.base import (
     unflat,
     zeros_like,
 )
-from functional_llm.optim.combinators import MaskOrFn, masked
+from functional_llm.optim.combinators import masked
 
 __all__ = [
     "ScaleByAdamState",
