@@ -178,9 +178,7 @@ def mlm(model: Any) -> LossFn:
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "mlm", "tokens", "labels")
-        out = model.apply(
-            params, batch["tokens"], batch.get("token_types"), valid=batch.get("valid"), key=key
-        )
+        out = _on_tokens(model, params, batch, key)
         return _mlm_from_hidden(model, params, out.hidden, batch)
 
     return loss_fn
@@ -192,9 +190,7 @@ def nsp(model: Any) -> LossFn:
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "nsp", "tokens", "token_types", "nsp_label")
-        out = model.apply(
-            params, batch["tokens"], batch["token_types"], valid=batch.get("valid"), key=key
-        )
+        out = _on_tokens(model, params, batch, key)
         return cross_entropy(model.nsp_logits(params, out.pooled), batch["nsp_label"])
 
     return loss_fn
@@ -206,9 +202,7 @@ def bert_pretraining(model: Any, nsp_weight: float = 1.0) -> LossFn:
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "bert_pretraining", "tokens", "token_types", "labels", "nsp_label")
-        out = model.apply(
-            params, batch["tokens"], batch["token_types"], valid=batch.get("valid"), key=key
-        )
+        out = _on_tokens(model, params, batch, key)
         mlm_loss, mlm_aux = _mlm_from_hidden(model, params, out.hidden, batch)
         nsp_loss, nsp_aux = cross_entropy(model.nsp_logits(params, out.pooled), batch["nsp_label"])
         loss = mlm_loss + nsp_weight * nsp_loss
@@ -227,8 +221,7 @@ def classification(model: Any, *, label_smoothing: float = 0.0) -> LossFn:
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "classification", "tokens", "label")
-        logits = model.apply(params, batch["tokens"], valid=batch.get("valid"), key=key,
-                             **_types(batch))  # fmt: skip
+        logits = _on_tokens(model, params, batch, key)
         return cross_entropy(logits, batch["label"], **options)
 
     return loss_fn
@@ -241,8 +234,7 @@ def token_classification(model: Any) -> LossFn:
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "token_classification", "tokens", "labels")
-        logits = model.apply(params, batch["tokens"], valid=batch.get("valid"), key=key,
-                             **_types(batch))  # fmt: skip
+        logits = _on_tokens(model, params, batch, key)
         return cross_entropy(logits, batch["labels"])
 
     return loss_fn
@@ -256,8 +248,7 @@ def qa_span(model: Any) -> LossFn:
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "qa_span", "tokens", "start", "end")
-        spans = model.apply(params, batch["tokens"], valid=batch.get("valid"), key=key,
-                            **_types(batch))  # fmt: skip
+        spans = _on_tokens(model, params, batch, key)
         start_loss, start_aux = cross_entropy(spans.start, batch["start"])
         end_loss, end_aux = cross_entropy(spans.end, batch["end"])
         loss = (start_loss + end_loss) / 2
@@ -277,5 +268,8 @@ def qa_span(model: Any) -> LossFn:
     return loss_fn
 
 
-def _types(batch: Batch) -> dict[str, torch.Tensor]:
-    return {"token_types": batch["token_types"]} if "token_types" in batch else {}
+def _on_tokens(model: Any, params: Any, batch: Batch, key: torch.Tensor | None) -> Any:
+    """The model on ``batch["tokens"]`` with the batch's ``valid`` and ``token_types`` (segment
+    ids), when it has them: BERT, and the task heads on either backbone."""
+    types = {"token_types": batch["token_types"]} if "token_types" in batch else {}
+    return model.apply(params, batch["tokens"], valid=batch.get("valid"), key=key, **types)
