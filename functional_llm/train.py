@@ -157,9 +157,15 @@ def _split(batch: Batch, k: int) -> list[dict[str, torch.Tensor]]:
     return [{name: chunks[name][i] for name in batch} for i in range(k)]
 
 
-def _weighted_mean(values: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-    total = torch.stack([w.float() for w in weights]).sum().clamp(min=1)
-    return sum(v.float() * w.float() for v, w in zip(values, weights, strict=True)) / total
+def _shares(counts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each part's share of the counted tokens (all zero if nothing was counted)."""
+    c = torch.stack([x.float() for x in counts])
+    return list(c / c.sum().clamp(min=1))
+
+
+def _mix(values: list[torch.Tensor], shares: list[torch.Tensor]) -> torch.Tensor:
+    """The share-weighted mean of scalar metrics, in float32."""
+    return sum(v.float() * w for v, w in zip(values, shares, strict=True))
 
 
 def _loss_and_grads(
@@ -179,18 +185,17 @@ def _loss_and_grads(
     if k == 1:
         (loss, aux), grads = results[0]
         return loss, dict(aux), grads
-    counts = [aux.get("count", torch.ones(())) for (_, aux), _ in results]
-    total = torch.stack([c.float() for c in counts]).sum().clamp(min=1)
-    grad_sets = [g for _, g in results]
+    shares = _shares([aux.get("count", torch.ones(())) for (_, aux), _ in results])
     grads = optree.tree_map(
-        lambda *gs: sum(g * (c / total) for g, c in zip(gs, counts, strict=True)), *grad_sets
+        lambda *gs: sum(g * w.to(g.dtype) for g, w in zip(gs, shares, strict=True)),
+        *[g for _, g in results],
     )
-    loss = _weighted_mean([loss for (loss, _), _ in results], counts)
+    loss = _mix([loss for (loss, _), _ in results], shares)
     aux = {
         name: (
             torch.stack([a[name] for (_, a), _ in results]).sum()
             if name == "count"
-            else _weighted_mean([a[name] for (_, a), _ in results], counts)
+            else _mix([a[name] for (_, a), _ in results], shares)
         )
         for name in results[0][0][1]
     }
@@ -277,8 +282,9 @@ def evaluate(
     if not results:
         raise ValueError("evaluate: no batches")
     counts = [r.get("count", torch.ones(())) for r in results]
+    shares = _shares(counts)
     out = {
-        name: float(_weighted_mean([r[name] for r in results], counts))
+        name: float(_mix([r[name] for r in results], shares))
         for name in results[0]
         if name != "count"
     }
