@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import functional_llm as fl
-from functional_llm import data, random
+from functional_llm import data, random, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from forward_vs_module import ModuleGPT, load_into
@@ -59,11 +59,7 @@ def nanogpt_lr(it: int, args) -> float:
 
 def reference_run(exp, args) -> dict[str, float]:
     """The conventional loop, initialised and fed exactly as the experiment is."""
-    text = Path(args.data).read_text(encoding="utf-8")
-    tok = data.CharTokenizer.train(text)
-    ids = torch.from_numpy(tok.encode(text))
-    split = int(0.9 * len(ids))
-    train_ids, val_ids = ids[:split], ids[split:]
+    tok, train_ids, val_ids = exp.corpus(args)
     cfg = exp.model_config(args, tok.vocab_size)
     k_init, _, k_data, k_eval, _ = random.split(random.key(args.seed), 5)
     module = ModuleGPT(cfg)
@@ -81,15 +77,14 @@ def reference_run(exp, args) -> dict[str, float]:
         return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
 
     @torch.no_grad()
-    def estimate(tokens, key) -> float:
+    def eval_step(_params, batch) -> dict[str, torch.Tensor]:  # the experiment's interface
         module.eval()
-        shape = (args.batch_size, args.block_size)
-        values = [
-            loss_of(data.sample_windows(tokens, random.fold_in(key, i), *shape))
-            for i in range(args.eval_iters)
-        ]
+        loss = loss_of(batch)
         module.train()
-        return float(torch.stack(values).mean())
+        return {"loss": loss, "count": torch.tensor(batch["targets"].numel())}
+
+    def estimate(tokens, key) -> float:
+        return exp.estimate(eval_step, None, tokens, args, key)
 
     start = time.perf_counter()
     for it in range(args.max_iters):
@@ -106,13 +101,8 @@ def reference_run(exp, args) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     val = estimate(val_ids, random.fold_in(random.fold_in(k_eval, args.max_iters), 1))
-    with torch.no_grad():
-        module.eval()
-        total, count = 0.0, 0
-        for batch in data.eval_windows(val_ids, 64, args.block_size):
-            total += float(loss_of(batch)) * batch["targets"].numel()
-            count += batch["targets"].numel()
-    return {"val_loss": val, "full_val_loss": total / count, "train_s": seconds}
+    whole = train.evaluate(eval_step, None, data.eval_windows(val_ids, 64, args.block_size))
+    return {"val_loss": val, "full_val_loss": whole["loss"], "train_s": seconds}
 
 
 def main() -> None:

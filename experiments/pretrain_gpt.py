@@ -108,6 +108,19 @@ def stdlib_corpus(max_mb: float) -> str:
     return "".join([t for i, t in enumerate(chosen) if i % 10 != 9] + held_out)
 
 
+def corpus(args: argparse.Namespace, tok: Any = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The run's text (``--data`` or the stdlib corpus), its tokenizer (trained on the text
+    unless given), and the token ids split 90/10 into train and validation."""
+    text = Path(args.data).read_text(encoding="utf-8") if args.data else stdlib_corpus(
+        args.corpus_mb
+    )  # fmt: skip
+    if tok is None:
+        tok = data.CharTokenizer.train(text) if args.tokenizer == "char" else data.ByteTokenizer()
+    ids = torch.from_numpy(tok.encode(text))
+    split = int(0.9 * len(ids))
+    return tok, ids[:split], ids[split:]
+
+
 def model_config(args: argparse.Namespace, vocab_size: int) -> fl.models.GPTConfig:
     fields = dict(
         vocab_size=vocab_size, max_seq_len=args.block_size, d_model=args.n_embd,
@@ -168,18 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     started = time.perf_counter()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = Path(args.data).read_text(encoding="utf-8") if args.data else stdlib_corpus(
-        args.corpus_mb
-    )  # fmt: skip
     source = args.data or f"Python {sys.version.split()[0]} standard library source"
-    if args.resume and (out / "tokenizer.json").exists():
-        tok = data.load_tokenizer(out / "tokenizer.json")
-    else:
-        tok = data.CharTokenizer.train(text) if args.tokenizer == "char" else data.ByteTokenizer()
+    resumed_tok = args.resume and (out / "tokenizer.json").exists()
+    tok, train_ids, val_ids = corpus(
+        args, data.load_tokenizer(out / "tokenizer.json") if resumed_tok else None
+    )
+    if not resumed_tok:
         tok.save(out / "tokenizer.json")
-    ids = torch.from_numpy(tok.encode(text))
-    split = int(0.9 * len(ids))
-    train_ids, val_ids = ids[:split], ids[split:]
 
     cfg = model_config(args, tok.vocab_size)
     model = fl.models.GPT(cfg)
@@ -202,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         state = ckpts.load(like={"state": state})["state"]
         log_mode = "a"
     start = int(state.step)
-    print(f"{source}: {len(ids):,} tokens, vocab {tok.vocab_size}; {fl.tree.size(state.params):,} "
-          f"parameters; steps {start}..{args.max_iters}")  # fmt: skip
+    n_tokens, n_params = len(train_ids) + len(val_ids), fl.tree.size(state.params)
+    print(f"{source}: {n_tokens:,} tokens, vocab {tok.vocab_size}; {n_params:,} parameters; "
+          f"steps {start}..{args.max_iters}")  # fmt: skip
 
     meta = {"config": checkpoint.config_to_dict(cfg), "args": vars(args), "source": source}
     records: list[dict] = []
