@@ -28,6 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import optree
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -148,8 +149,9 @@ def load(
     ordered = {name: flat[name] for name in manifest["paths"]}
     if like is None:
         return tree.unflatten(ordered)
-    _check_fits(path, ordered, tree.flatten(like))
-    return tree.unflatten(ordered, like=like)
+    want = tree.flatten(like)
+    _check_fits(path, ordered, want)
+    return optree.tree_unflatten(tree.structure(like), [ordered[name] for name in want])
 
 
 def _check_fits(path: Path, got: dict[str, Any], want: dict[str, Any]) -> None:
