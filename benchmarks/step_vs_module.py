@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import re
 import statistics
 import sys
@@ -93,7 +94,7 @@ class Ours:
 
     def __init__(self, model, params, args, compiled=False, donate=False, remat=False) -> None:
         if remat:
-            model = fl.models.GPT(fl.models.GPTConfig(**{**vars(model.config), "remat": True}))
+            model = fl.models.GPT(dataclasses.replace(model.config, remat=True))
         opt = (
             optim.adamw_donated(args.lr, weight_decay=0.1)
             if donate
