@@ -27,6 +27,7 @@ __all__ = [
     "combine",
     "compile_pattern",
     "flatten",
+    "flatten_axes",
     "leaves",
     "map",
     "map_with_path",
@@ -196,7 +197,7 @@ def summary(tree: PyTree, axes: PyTree | None = None) -> str:
     as a layer's ``axes()`` returns.
     """
     flat = flatten(tree)
-    axes_flat = _flatten_axes(axes) if axes is not None else {}
+    axes_flat = flatten_axes(axes) if axes is not None else {}
     header = ("path", "shape", "dtype", "count", "axes")
     rows = [
         (
@@ -224,7 +225,7 @@ def summary(tree: PyTree, axes: PyTree | None = None) -> str:
     return "\n".join([fmt(header), rule, *(fmt(r) for r in rows[:-1]), rule, fmt(rows[-1])])
 
 
-def _flatten_axes(axes: PyTree) -> dict[str, tuple]:
+def flatten_axes(axes: PyTree) -> dict[str, tuple]:
     """Axes trees have tuples as leaves; flatten them without descending into the tuples."""
     is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str | None) for a in x)  # noqa: E731
     flat = optree.tree_flatten_with_path(axes, is_leaf=is_axes, none_is_leaf=True)

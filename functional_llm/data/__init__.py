@@ -1,5 +1,18 @@
-"""Data: tokenizers, token files, and batches drawn as pure functions of a key."""
+"""Data: tokenizers, token files, task formats, and transforms as pure functions of a key."""
 
+from functional_llm.data.classification import (
+    encode_classification,
+    label_vocab,
+    read_classification,
+)
+from functional_llm.data.conll import (
+    align_labels,
+    bio_to_bioes,
+    bioes_to_bio,
+    encode_tagging,
+    read_conll,
+    word_predictions,
+)
 from functional_llm.data.lm import (
     TokenWindows,
     eval_windows,
@@ -7,15 +20,45 @@ from functional_llm.data.lm import (
     sample_windows,
     write_tokens,
 )
+from functional_llm.data.squad import (
+    QAExample,
+    predict_answers,
+    qa_features,
+    read_squad,
+    token_span,
+)
+from functional_llm.data.subword import SPECIALS, Encoded, SubwordTokenizer
 from functional_llm.data.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
+from functional_llm.data.transforms import BatchOrder, mask_tokens, nsp_pairs, pad_batch
 
 __all__ = [
+    "SPECIALS",
+    "BatchOrder",
     "ByteTokenizer",
     "CharTokenizer",
+    "Encoded",
+    "QAExample",
+    "SubwordTokenizer",
     "TokenWindows",
+    "align_labels",
+    "bio_to_bioes",
+    "bioes_to_bio",
+    "encode_classification",
+    "encode_tagging",
     "eval_windows",
+    "label_vocab",
     "load_tokenizer",
+    "mask_tokens",
+    "nsp_pairs",
+    "pad_batch",
+    "predict_answers",
+    "qa_features",
+    "read_classification",
+    "read_conll",
+    "read_squad",
     "read_tokens",
     "sample_windows",
+    "token_span",
+    "word_predictions",
     "write_tokens",
 ]

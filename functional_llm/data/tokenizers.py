@@ -1,4 +1,5 @@
-"""Character- and byte-level tokenizers: exact, reversible, saved as JSON.
+"""Character- and byte-level tokenizers: exact, reversible, saved as JSON (subword ones live in
+:mod:`functional_llm.data.subword`; :func:`load_tokenizer` reads all three kinds).
 
 * :class:`CharTokenizer` gives each character of a training text one id (nanoGPT's
   ``shakespeare_char``: 65 ids for tiny Shakespeare); an unseen character is an error that
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from functional_llm.data.subword import SubwordTokenizer
 from functional_llm.files import write_atomic
 
 __all__ = ["ByteTokenizer", "CharTokenizer", "load_tokenizer"]
@@ -96,7 +98,7 @@ class ByteTokenizer:
         _write_json(path, {"type": "byte"})
 
 
-def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | ByteTokenizer:
+def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | ByteTokenizer | SubwordTokenizer:
     """Read a tokenizer written by ``save`` (JSON only; nothing is executed)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     kind = data.get("type")
@@ -104,4 +106,8 @@ def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | ByteTokenizer:
         return CharTokenizer(data["chars"])
     if kind == "byte":
         return ByteTokenizer()
-    raise ValueError(f"{path}: unknown tokenizer type {kind!r} (expected 'char' or 'byte')")
+    if kind == "subword":
+        return SubwordTokenizer.from_json(data)
+    raise ValueError(
+        f"{path}: unknown tokenizer type {kind!r} (expected 'char', 'byte' or 'subword')"
+    )

@@ -1,0 +1,106 @@
+"""Fine-tuning mechanics: a pretrained backbone under a fresh head, frozen parameters, and
+layer-wise learning-rate decay, each a small function over the params pytree.
+
+    params = with_backbone(head_model.init(key), checkpoint.load("bert.safetensors"))
+    opt = freeze(optim.adamw(lr), "backbone.embed.*")          # no update, no optimizer state
+    opt = optim.chain(opt, layerwise_decay(0.8, num_layers=4))
+
+The task heads' params are ``{"backbone": ..., "head": ...}`` (:mod:`functional_llm.models.heads`),
+so attaching a pretrained backbone replaces one subtree, after checking that every path and
+shape fits.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from functional_llm import tree
+from functional_llm.optim import (
+    EmptyState,
+    GradientTransformation,
+    labels_by_path,
+    multi_transform,
+    set_to_zero,
+)
+from functional_llm.tree import Pattern
+
+__all__ = ["count_trainable", "freeze", "layer_index", "layerwise_decay", "with_backbone"]
+
+PyTree = Any
+
+
+def with_backbone(params: PyTree, pretrained: PyTree, *, strict: bool = True) -> PyTree:
+    """``params`` (a head model's ``{"backbone", "head"}``) with its backbone replaced by
+    ``pretrained``. Every backbone path must be in ``pretrained`` with the same shape and dtype;
+    with ``strict`` extra pretrained leaves are an error too (``strict=False`` drops them)."""
+    want, got = tree.flatten(params["backbone"]), tree.flatten(pretrained)
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or (strict and extra):
+        raise ValueError(
+            f"pretrained backbone does not fit: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for path, x in want.items():
+        y = got[path]
+        if tuple(x.shape) != tuple(y.shape) or x.dtype != y.dtype:
+            raise ValueError(
+                f"pretrained backbone.{path} is {tuple(y.shape)} {y.dtype}, the model wants "
+                f"{tuple(x.shape)} {x.dtype}"
+            )
+    backbone = tree.unflatten({p: got[p] for p in want}, like=params["backbone"])
+    return {**params, "backbone": backbone}
+
+
+def freeze(optimizer: GradientTransformation, *patterns: Pattern) -> GradientTransformation:
+    """``optimizer`` for every parameter except those whose path matches a pattern: those get
+    zero updates and no optimizer state (:func:`~functional_llm.optim.multi_transform`)."""
+    if not patterns:
+        raise ValueError("freeze: give at least one path pattern")
+    labels = labels_by_path(dict.fromkeys(patterns, "frozen"), "trained")
+    return multi_transform({"trained": optimizer, "frozen": set_to_zero()}, labels)
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDINGS = {"embed", "pos", "types", "embed_norm"}
+
+
+def layer_index(path: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise decay: 0 for the embeddings (``embed``, ``pos``,
+    ``types``, ``embed_norm``), ``i + 1`` inside ``blocks.i``, ``num_layers + 1`` for the rest
+    (final norm, pooler, pretraining and task heads)."""
+    block = _BLOCK.search(path)
+    if block:
+        return int(block.group(1)) + 1
+    parts = path.split(".")
+    if parts[0] == "backbone":
+        parts = parts[1:]
+    return 0 if parts and parts[0] in _EMBEDDINGS else num_layers + 1
+
+
+def layerwise_decay(decay: float, num_layers: int) -> GradientTransformation:
+    """Scales each update by ``decay ** (num_layers + 1 - layer_index(path))``: the head keeps the
+    full learning rate, each block below gets ``decay`` times the one above (ELECTRA, BEiT).
+    Chain it after the optimizer; with decoupled weight decay the decay is scaled alike, as
+    per-group learning rates in ``torch.optim`` would."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"layerwise_decay: decay must be in (0, 1], got {decay}")
+
+    def factor(path: str) -> float:
+        return decay ** (num_layers + 1 - layer_index(path, num_layers))
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree = None, **_: Any) -> tuple:
+        scaled = tree.map_with_path(lambda path, u: u * factor(path), updates)
+        return scaled, state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def count_trainable(params: PyTree, frozen: tuple[Pattern, ...] = ()) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts when the ``frozen`` patterns are frozen."""
+    flat = tree.flatten(params)
+    total = sum(x.numel() for x in flat.values() if isinstance(x, torch.Tensor))
+    held = sum(x.numel() for p, x in flat.items() if frozen and tree.matches(p, *frozen))
+    return total - held, total
