@@ -47,18 +47,18 @@ def read_classification(
     per line)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl"):
+        raise ValueError(f"{path}: expected a .tsv, .csv or .jsonl file")
     with open(path, encoding="utf-8", newline="") as f:
         if suffix == ".jsonl":
             rows = [json.loads(line) for line in f if line.strip()]
             columns = list(rows[0]) if rows else []
-        elif suffix in (".tsv", ".csv"):
+        else:
             reader = csv.DictReader(
                 f, delimiter="\t" if suffix == ".tsv" else ",",
                 quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
             )  # fmt: skip
             rows, columns = list(reader), list(reader.fieldnames or [])
-        else:
-            raise ValueError(f"{path}: expected a .tsv, .csv or .jsonl file")
     text_col = _pick(columns, text, TEXT_COLUMNS, path)
     if text_col is None:
         raise ValueError(f"{path}: no text column among {list(columns)}; pass text=")
