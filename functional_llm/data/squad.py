@@ -38,6 +38,7 @@ class QAExample:
     answers: tuple[str, ...]  # every annotator's answer text (empty when unanswerable)
     starts: tuple[int, ...]  # their character offsets in the context
     impossible: bool = False
+    article: int = 0  # index of its article in the file (to split a file by article)
 
 
 def read_squad(path: str | os.PathLike) -> list[QAExample]:
@@ -46,7 +47,7 @@ def read_squad(path: str | os.PathLike) -> list[QAExample]:
     if "data" not in data:
         raise ValueError(f"{path}: not a SQuAD file (no top-level 'data')")
     out = []
-    for article in data["data"]:
+    for index, article in enumerate(data["data"]):
         for paragraph in article["paragraphs"]:
             context = paragraph["context"]
             for qa in paragraph["qas"]:
@@ -57,6 +58,7 @@ def read_squad(path: str | os.PathLike) -> list[QAExample]:
                         answers=tuple(a["text"] for a in answers),
                         starts=tuple(a["answer_start"] for a in answers),
                         impossible=bool(qa.get("is_impossible", False)) or not answers,
+                        article=index,
                     )
                 )  # fmt: skip
     return out

@@ -1,0 +1,210 @@
+"""What the fine-tuning experiments share: flags, the backbone (pretrained or fresh), the
+optimizer (freezing, layer-wise decay, LoRA), the training loop and batched prediction.
+
+A pretrained backbone is a directory written by ``pretrain_bert.py``: ``tokenizer.json`` and
+``bert.safetensors`` (params, with the config in the checkpoint's metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import functional_llm as fl
+from functional_llm import checkpoint, data, finetune, optim, random, train
+from functional_llm.lora import LoRA
+
+
+def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
+    a = p.add_argument
+    a("--pretrained", help="a pretrain_bert.py output directory (default: a fresh backbone)")
+    a("--backbone", choices=("bert", "gpt"), default="bert", help="fresh backbone's family")
+    a("--vocab-size", type=int, default=4000, help="fresh tokenizer's vocabulary")
+    a("--d-model", type=int, default=128)
+    a("--n-layers", type=int, default=2)
+    a("--n-heads", type=int, default=4)
+    a("--d-ff", type=int, default=512)
+    a("--max-length", type=int, default=128)
+    a("--dropout", type=float, default=0.1)
+    a("--epochs", type=int, default=epochs)
+    a("--batch-size", type=int, default=32)
+    a("--lr", type=float, default=1e-3)
+    a("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
+    a("--weight-decay", type=float, default=0.01)
+    a("--freeze", action="append", default=[], help="glob of params to freeze (repeatable)")
+    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (1: off)")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: off)")
+    a("--lora-alpha", type=float, default=16.0)
+    a("--max-train", type=int, default=None, help="use only the first N training examples")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=None)
+    a("--out-dir", default=out_dir)
+    a("--no-plot", action="store_true")
+
+
+def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tuple[Any, Any, Any]:
+    """``(tokenizer, backbone model, pretrained params or None)``; a fresh backbone gets a
+    tokenizer trained on ``texts()``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.pretrained:
+        where = Path(args.pretrained)
+        tok = data.load_tokenizer(where / "tokenizer.json")
+        meta = checkpoint.metadata(where / "bert.safetensors")
+        cfg = checkpoint.config_from_dict(fl.models.BERTConfig, meta["config"])
+        model = fl.models.BERT(dataclasses.replace(cfg, dropout=args.dropout))
+        params = checkpoint.load(where / "bert.safetensors", like=model.init(random.key(0)))
+        return tok, model, params
+    tok = data.SubwordTokenizer.train(texts(), args.vocab_size)
+    if args.backbone == "gpt":
+        cfg = fl.models.GPTConfig(
+            vocab_size=tok.vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
+            n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
+        )  # fmt: skip
+        return tok, fl.models.GPT(cfg), None
+    cfg = fl.models.BERTConfig(
+        vocab_size=tok.vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
+        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
+    )  # fmt: skip
+    return tok, fl.models.BERT(cfg), None
+
+
+def init_params(head_model: Any, pretrained: Any, key: torch.Tensor) -> Any:
+    params = head_model.init(key)
+    return params if pretrained is None else finetune.with_backbone(params, pretrained)
+
+
+def collate(pad_id: int, fields: Sequence[str]) -> Callable[[list[dict]], dict]:
+    def pad(examples: list[dict]) -> dict:
+        return data.pad_batch([{f: e[f] for f in fields} for e in examples], {"tokens": pad_id})
+
+    return pad
+
+
+class Run:
+    """Metrics as JSONL (one line per record) and a plot of the learning curves."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.records = out, []
+        self._log = (out / "metrics.jsonl").open("w")
+
+    def record(self, entry: dict) -> None:
+        self.records.append(entry)
+        self._log.write(json.dumps(entry) + "\n")
+        self._log.flush()
+
+    def close(self, plot: bool, metric: str) -> None:
+        self._log.close()
+        if not plot:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r for r in self.records if "loss" in r]
+        evals = [r for r in self.records if metric in r]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        left.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
+        left.set(xlabel="step", ylabel="training loss (batch)", title=self.out.name)
+        right.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-")
+        right.set(xlabel="step", ylabel=f"dev {metric}")
+        fig.tight_layout()
+        fig.savefig(self.out / "curves.png", dpi=120)
+        plt.close(fig)
+
+
+def fit(
+    args: argparse.Namespace,
+    loss_fn: Any,
+    params: Any,
+    head_model: Any,
+    examples: Sequence[dict],
+    pad: Callable[[list[dict]], dict],
+    evaluate: Callable[[Any], dict[str, float]],
+    run: Run,
+) -> tuple[Any, dict[str, float]]:
+    """Train for ``args.epochs`` and evaluate after each; returns the final params and metrics.
+    With ``--lora-rank`` only adapters and the head train; the backbone stays as loaded."""
+    k_lora, k_train, k_data = random.split(random.key(args.seed + 1), 3)
+    if args.lora_rank:
+        lora = LoRA(args.lora_rank, args.lora_alpha, targets=("backbone.*attn.[qkvo].w",
+                                                               "backbone.*mlp.*.w"))  # fmt: skip
+        base = params
+        trainable = {"adapters": lora.init(k_lora, base, head_model.axes()), "head": base["head"]}
+        effective = lambda t: lora.merge({**base, "head": t["head"]}, t["adapters"])  # noqa: E731
+    else:
+        trainable, effective = params, lambda t: t
+    lengths = [len(e["tokens"]) for e in examples]
+    per_epoch = -(-len(examples) // args.batch_size)
+    total = per_epoch * args.epochs
+    schedule = optim.warmup_cosine(args.lr, int(args.warmup * total), total)
+    decay = lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+    opt = optim.adamw(schedule, weight_decay=args.weight_decay, mask=decay)
+    if args.freeze:
+        opt = finetune.freeze(opt, *args.freeze)
+    if args.layer_decay < 1.0:
+        depth = head_model.backbone.config.n_layers
+        opt = optim.chain(opt, finetune.layerwise_decay(args.layer_decay, depth))
+    step = train.make_step(lambda t, b, k: loss_fn(effective(t), b, k), opt, clip_norm=1.0)
+    state = train.init_state(trainable, opt, k_train)
+    n_trained = fl.tree.size(trainable) - sum(
+        x.numel() for p, x in fl.tree.flatten(trainable).items()
+        if args.freeze and fl.tree.matches(p, *args.freeze)
+    )  # fmt: skip
+    print(f"{len(examples):,} training examples, {total} steps; {n_trained:,} of "
+          f"{fl.tree.size(effective(trainable)):,} parameters trained")  # fmt: skip
+    started = time.perf_counter()
+    bar = tqdm(total=total, mininterval=1)
+    final: dict[str, float] = {}
+    for epoch in range(args.epochs):
+        order = data.BatchOrder(len(examples), args.batch_size, k_data, epoch=epoch,
+                                lengths=lengths, bucket=50)  # fmt: skip
+        loader = torch.utils.data.DataLoader(examples, batch_sampler=order, collate_fn=pad)
+        for batch in loader:
+            state, metrics = step(state, batch)
+            bar.update()
+            if int(state.step) % 10 == 0:
+                run.record({"step": int(state.step), **{k: float(v) for k, v in metrics.items()}})
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+        final = evaluate(effective(state.params))
+        run.record({"step": int(state.step), "epoch": epoch + 1, **final})
+        bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    bar.close()
+    final["train_s"] = time.perf_counter() - started
+    saved = state.params if args.lora_rank else effective(state.params)
+    checkpoint.save(Path(args.out_dir) / "model.safetensors", saved, {"args": vars(args)})
+    return effective(state.params), final
+
+
+@torch.no_grad()
+def predict(
+    model: Any,
+    params: Any,
+    examples: Sequence[dict],
+    pad: Callable,
+    per_token: bool,
+    batch_size: int = 128,
+) -> list[Any]:
+    """The model's outputs (eval mode: no dropout) per example as numpy; ``per_token`` outputs
+    lose their padding. A tuple output (QA's start and end scores) gives a tuple per example."""
+    outputs = []
+    for at in range(0, len(examples), batch_size):
+        batch = pad(list(examples[at : at + batch_size]))
+        extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
+        out = model.apply(params, batch["tokens"], valid=batch["valid"], **extra)
+        parts = tuple(out) if isinstance(out, tuple) else (out,)
+        for row, n in enumerate(batch["valid"].sum(-1).tolist()):
+            per = tuple(np.asarray(p[row, :n] if per_token else p[row]) for p in parts)
+            outputs.append(per if isinstance(out, tuple) else per[0])
+    return outputs

@@ -1,0 +1,259 @@
+"""Pretrain a small BERT with masked-language modelling and next-sentence prediction.
+
+    python experiments/pretrain_bert.py                                 # stdlib English prose
+    python experiments/pretrain_bert.py --data book.txt --data notes.txt
+    python experiments/pretrain_bert.py --data sst2/train.tsv --with-stdlib
+    python experiments/pretrain_bert.py --resume                        # continue the last run
+
+With no ``--data`` the corpus is the standard library's documentation prose
+(``stdlib_text.py``: docstrings and the language reference topics; a module or a topic is a
+document). A ``.txt`` file holds documents separated by blank lines; in a ``.tsv``, ``.csv`` or
+``.jsonl`` file each row's text is a document of one segment. Every 10th document is held out.
+
+Each document's sentences are packed into segments of at most ``(max_length - 3) / 2`` tokens.
+Each epoch pairs consecutive segments ``[CLS] a [SEP] b [SEP]``, replacing b by a segment of
+another document half of the time (NSP; :func:`functional_llm.data.nsp_pairs`); documents of
+one segment give ``[CLS] a [SEP]`` examples that train MLM only. Each step masks its batch
+with a key of its own (15 %, 80/10/10; ``--whole-word``), and the batch order is a pure
+function of ``(seed, epoch)``, so ``--resume`` continues with exactly the batches and masks the
+uninterrupted run would have used.
+
+Writes to ``--out-dir``: ``tokenizer.json`` and ``bert.safetensors`` (params; config in the
+metadata) for the fine-tuning scripts' ``--pretrained``, ``metrics.jsonl``, ``loss.png`` and
+``checkpoints/``. Prints the held-out MLM loss, perplexity and accuracy and the NSP accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import finetune_common as common
+import stdlib_text
+
+import functional_llm as fl
+from functional_llm import checkpoint, data, losses, metrics, optim, random, train
+from functional_llm.losses import IGNORE
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--data", action="append", default=[], help="text/TSV/CSV/JSONL file (repeatable)")
+    a("--with-stdlib", action="store_true", help="add the stdlib prose to --data")
+    a("--vocab-size", type=int, default=8000)
+    a("--max-length", type=int, default=64)
+    a("--d-model", type=int, default=128)
+    a("--n-layers", type=int, default=4)
+    a("--n-heads", type=int, default=4)
+    a("--d-ff", type=int, default=512)
+    a("--dropout", type=float, default=0.1)
+    a("--batch-size", type=int, default=32)
+    a("--max-steps", type=int, default=1000)
+    a("--lr", type=float, default=1e-3)
+    a("--warmup", type=int, default=100)
+    a("--weight-decay", type=float, default=0.01)
+    a("--mask-rate", type=float, default=0.15)
+    a("--whole-word", action="store_true", help="mask every piece of a chosen word")
+    a("--nsp-weight", type=float, default=1.0)
+    a("--eval-interval", type=int, default=250)
+    a("--eval-batches", type=int, default=20)
+    a("--ckpt-interval", type=int, default=500)
+    a("--resume", action="store_true")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=None)
+    a("--out-dir", default="out/pretrain_bert")
+    a("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def read_documents(args: argparse.Namespace) -> tuple[list[list[str]], list[list[str]]]:
+    """``(train, held_out)`` documents as lists of sentences."""
+    if not args.data:
+        return stdlib_text.documents()
+    docs: list[list[str]] = []
+    for path in map(Path, args.data):
+        if path.suffix.lower() in (".tsv", ".csv", ".jsonl"):
+            docs += [[e["text"]] for e in data.read_classification(path)]
+        else:
+            text = path.read_text(encoding="utf-8")
+            docs += [stdlib_text.sentences(block) for block in text.split("\n\n")]
+    docs = [d for d in docs if d]
+    train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
+    held = [d for i, d in enumerate(docs) if i % 10 == 9]
+    if args.with_stdlib:
+        more_train, more_held = stdlib_text.documents()
+        train_docs, held = train_docs + more_train, held + more_held
+    return train_docs, held
+
+
+def segments(tok: Any, docs: list[list[str]], budget: int) -> list[list[data.Encoded]]:
+    """Each document's sentences packed greedily into segments of at most ``budget`` tokens."""
+    out = []
+    for doc in docs:
+        packed, current = [], []
+        for sentence in doc:
+            enc = tok.tokenize(sentence).take(slice(0, budget))
+            if current and sum(map(len, current)) + len(enc) > budget:
+                packed.append(current)
+                current = []
+            current.append(enc)
+        if current:
+            packed.append(current)
+        out.append([_join(parts) for parts in packed])
+    return out
+
+
+def _join(parts: list[data.Encoded]) -> data.Encoded:
+    return data.Encoded(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                          ("ids", "token_types", "offsets", "word_ids", "segments")))  # fmt: skip
+
+
+def examples(tok: Any, docs: list[list[data.Encoded]], key: torch.Tensor) -> list[dict]:
+    """NSP pairs from documents of 2+ segments; single-segment documents give MLM-only rows."""
+    cls, sep = tok.id_of("cls"), tok.id_of("sep")
+    rows = []
+    pairs = data.nsp_pairs(key, docs) if sum(len(d) > 1 for d in docs) else []
+    singles = [(d[0], None, IGNORE) for d in docs if len(d) == 1]
+    for a, b, label in pairs + singles:
+        pieces = [[cls], a.ids, [sep]] + ([] if b is None else [b.ids, [sep]])
+        starts = [[False], a.word_starts, [False]]
+        starts += [] if b is None else [b.word_starts, [False]]
+        n_a = len(a) + 2
+        ids = np.concatenate(pieces)
+        rows.append({
+            "tokens": ids, "token_types": (np.arange(len(ids)) >= n_a).astype(np.int64),
+            "word_starts": np.concatenate(starts).astype(bool), "nsp_label": label,
+        })  # fmt: skip
+    return rows
+
+
+def masked(batch: dict, key: torch.Tensor, tok: Any, args: argparse.Namespace) -> dict:
+    special = torch.isin(batch["tokens"], torch.tensor(tok.special_ids))
+    inputs, labels = data.mask_tokens(
+        key, batch["tokens"], protected=special | ~batch["valid"], mask_id=tok.id_of("mask"),
+        vocab_size=tok.vocab_size, special_ids=tok.special_ids, rate=args.mask_rate,
+        word_starts=batch["word_starts"] if args.whole_word else None,
+    )  # fmt: skip
+    # BERT's layout: the masked positions first in each row, so the vocabulary projection (the
+    # costliest matmul) runs on those P positions only; unused slots keep the IGNORE label.
+    selected = labels != IGNORE
+    width = max(int(selected.sum(-1).max()), 1)
+    positions = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)[:, :width]
+    out = {k: v for k, v in batch.items() if k != "word_starts"}
+    return {
+        **out,
+        "tokens": inputs,
+        "mlm_positions": positions,
+        "labels": labels.gather(-1, positions),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_docs, held_docs = read_documents(args)
+    if args.resume and (out / "tokenizer.json").exists():
+        tok = data.load_tokenizer(out / "tokenizer.json")
+    else:
+        tok = data.SubwordTokenizer.train((s for d in train_docs for s in d), args.vocab_size)
+        tok.save(out / "tokenizer.json")
+    budget = (args.max_length - 3) // 2
+    train_segs, held_segs = segments(tok, train_docs, budget), segments(tok, held_docs, budget)
+
+    cfg = fl.models.BERTConfig(
+        vocab_size=tok.vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
+        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
+    )  # fmt: skip
+    model = fl.models.BERT(cfg)
+    schedule = optim.warmup_cosine(args.lr, min(args.warmup, args.max_steps), args.max_steps)
+    decay = lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+    opt = optim.adamw(schedule, weight_decay=args.weight_decay, mask=decay)
+    loss_fn = losses.bert_pretraining(model, args.nsp_weight)
+    step = train.make_step(loss_fn, opt, clip_norm=1.0, learning_rate=schedule)
+    eval_mlm, eval_nsp = train.make_eval_step(losses.mlm(model)), train.make_eval_step(
+        losses.nsp(model)
+    )  # fmt: skip
+
+    k_init, k_train, k_pairs, k_order, k_mask, k_eval = random.split(random.key(args.seed), 6)
+    state = train.init_state(model.init(k_init), opt, k_train)
+    ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
+    if args.resume and ckpts.latest() is not None:
+        state = ckpts.load(like={"state": state})["state"]
+    pad = functools.partial(data.pad_batch, pad_values={"tokens": tok.id_of("pad")})
+    held_rows = [r for r in examples(tok, held_segs, k_eval) if r["nsp_label"] != IGNORE]
+    held_rows = held_rows[: args.eval_batches * args.batch_size]
+    held_batches = [
+        masked(pad(held_rows[i : i + args.batch_size]), random.fold_in(k_eval, i), tok, args)
+        for i in range(0, len(held_rows), args.batch_size)
+    ]
+    per_epoch = len(examples(tok, train_segs, random.fold_in(k_pairs, 0)))
+    batches_per_epoch = -(-per_epoch // args.batch_size)
+    n_sentences, n_params = sum(map(len, train_docs)), fl.tree.size(state.params)
+    print(f"{n_sentences:,} training sentences in {len(train_docs):,} documents ({per_epoch:,} "
+          f"examples per epoch), vocab {tok.vocab_size}; {n_params:,} parameters; "
+          f"steps {int(state.step)}..{args.max_steps}")  # fmt: skip
+
+    run = common.Run(out)
+
+    def evaluation(at: int) -> dict:
+        mlm = train.evaluate(eval_mlm, state.params, held_batches)
+        nsp = train.evaluate(eval_nsp, state.params, held_batches)
+        entry = {"step": at, "val_mlm_loss": mlm["nll"], "val_mlm_accuracy": mlm["accuracy"],
+                 "val_perplexity": metrics.perplexity(mlm["nll"]),
+                 "val_nsp_accuracy": nsp["accuracy"]}  # fmt: skip
+        run.record(entry)
+        return entry
+
+    meta = {"config": checkpoint.config_to_dict(cfg), "args": vars(args)}
+    bar = tqdm(total=args.max_steps, initial=int(state.step), mininterval=1)
+    train_started = time.perf_counter()
+    while int(state.step) < args.max_steps:
+        epoch, position = divmod(int(state.step), batches_per_epoch)
+        rows = examples(tok, train_segs, random.fold_in(k_pairs, epoch))
+        order = data.BatchOrder(len(rows), args.batch_size, k_order, epoch=epoch, start=position,
+                                lengths=[len(r["tokens"]) for r in rows], bucket=50)  # fmt: skip
+        for index in order:
+            at = int(state.step)
+            if at >= args.max_steps:
+                break
+            if at % args.eval_interval == 0:
+                e = evaluation(at)
+                bar.set_postfix(mlm=f"{e['val_mlm_loss']:.3f}", nsp=f"{e['val_nsp_accuracy']:.3f}")
+            batch = masked(pad([rows[i] for i in index]), random.fold_in(k_mask, at), tok, args)
+            state, m = step(state, batch)
+            bar.update()
+            if (at + 1) % 10 == 0:
+                run.record({"step": at + 1, **{k: float(v) for k, v in m.items()}})
+            if (at + 1) % args.ckpt_interval == 0:
+                ckpts.save(at + 1, {"state": state}, meta)
+    bar.close()
+    train_seconds = time.perf_counter() - train_started
+    final = evaluation(args.max_steps)
+    ckpts.save(args.max_steps, {"state": state}, meta)
+    checkpoint.save(out / "bert.safetensors", state.params, meta)
+    run.close(not args.no_plot, "val_mlm_loss")
+    print(f"held-out MLM loss {final['val_mlm_loss']:.4f} (perplexity "
+          f"{final['val_perplexity']:.1f}, accuracy {final['val_mlm_accuracy']:.4f}); "
+          f"NSP accuracy {final['val_nsp_accuracy']:.4f}")  # fmt: skip
+    total = time.perf_counter() - started
+    print(f"wall time {total:.1f} s (training loop {train_seconds:.1f} s); outputs in {out}")
+    return {**final, "wall_s": total, "train_s": train_seconds}
+
+
+if __name__ == "__main__":
+    main()
