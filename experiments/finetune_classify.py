@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     params = common.init_params(model, pretrained, random.key(args.seed))
     encode = lambda ex: data.encode_classification(tok, ex, labels, args.max_length)  # noqa: E731
     train_f, dev_f = encode(train_ex), encode(dev_ex)
-    pad = common.collate(tok.id_of("pad"), ("tokens", "token_types", "label"))
+    segments = () if isinstance(backbone, fl.models.GPT) else ("token_types",)  # GPT has none
+    pad = common.collate(tok.id_of("pad"), ("tokens", *segments, "label"))
     gold = [f["label"] for f in dev_f]
 
     def evaluate(params) -> dict[str, float]:

@@ -62,6 +62,9 @@ def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tu
         meta = checkpoint.metadata(where / "bert.safetensors")
         cfg = checkpoint.config_from_dict(fl.models.BERTConfig, meta["config"])
         model = fl.models.BERT(dataclasses.replace(cfg, dropout=args.dropout))
+        if args.max_length > cfg.max_seq_len:
+            print(f"--max-length {args.max_length} cut to the backbone's {cfg.max_seq_len}")
+            args.max_length = cfg.max_seq_len
         params = checkpoint.load(where / "bert.safetensors", like=model.init(random.key(0)))
         return tok, model, params
     tok = data.SubwordTokenizer.train(texts(), args.vocab_size)

@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--data", action="append", default=[], help="text/TSV/CSV/JSONL file (repeatable)")
     a("--with-stdlib", action="store_true", help="add the stdlib prose to --data")
     a("--vocab-size", type=int, default=8000)
+    a("--tokenizer", help="a saved tokenizer.json to use instead of training one")
     a("--max-length", type=int, default=64)
     a("--d-model", type=int, default=128)
     a("--n-layers", type=int, default=4)
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--max-steps", type=int, default=1000)
     a("--lr", type=float, default=1e-3)
     a("--warmup", type=int, default=100)
+    a("--decay-steps", type=int, default=None, help="cosine schedule length (default: max-steps)")
     a("--weight-decay", type=float, default=0.01)
     a("--mask-rate", type=float, default=0.15)
     a("--whole-word", action="store_true", help="mask every piece of a chosen word")
@@ -94,6 +96,8 @@ def read_documents(args: argparse.Namespace) -> tuple[list[list[str]], list[list
     if args.with_stdlib:
         more_train, more_held = stdlib_text.documents()
         train_docs, held = train_docs + more_train, held + more_held
+    if len(held) < 2:
+        raise SystemExit(f"{len(docs)} documents hold out {len(held)}; give at least 20")
     return train_docs, held
 
 
@@ -170,7 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.resume and (out / "tokenizer.json").exists():
         tok = data.load_tokenizer(out / "tokenizer.json")
     else:
-        tok = data.SubwordTokenizer.train((s for d in train_docs for s in d), args.vocab_size)
+        # WordPiece training is not reproducible across processes (huggingface/tokenizers#1794),
+        # so a run keeps its tokenizer file; --tokenizer reuses one.
+        tok = (
+            data.load_tokenizer(args.tokenizer)
+            if args.tokenizer
+            else data.SubwordTokenizer.train((s for d in train_docs for s in d), args.vocab_size)
+        )
         tok.save(out / "tokenizer.json")
     budget = (args.max_length - 3) // 2
     train_segs, held_segs = segments(tok, train_docs, budget), segments(tok, held_docs, budget)
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
     )  # fmt: skip
     model = fl.models.BERT(cfg)
-    schedule = optim.warmup_cosine(args.lr, min(args.warmup, args.max_steps), args.max_steps)
+    decay_steps = args.decay_steps or args.max_steps
+    schedule = optim.warmup_cosine(args.lr, min(args.warmup, decay_steps), decay_steps)
     decay = lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
     opt = optim.adamw(schedule, weight_decay=args.weight_decay, mask=decay)
     loss_fn = losses.bert_pretraining(model, args.nsp_weight)

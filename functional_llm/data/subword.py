@@ -124,7 +124,12 @@ class SubwordTokenizer:
     ) -> SubwordTokenizer:
         """Learn a vocabulary of ``vocab_size`` entries (specials included) from ``texts``.
         WordPiece uses BERT's normaliser (``lowercase``, accents stripped when lowercasing) and
-        splits on whitespace and punctuation; BPE works on UTF-8 bytes and is lossless."""
+        splits on whitespace and punctuation; BPE works on UTF-8 bytes and is lossless.
+
+        WordPiece training is not reproducible between processes: ``tokenizers`` breaks ties in
+        hash-map order (huggingface/tokenizers#1794), so two trainings on the same text can
+        differ in a few pieces. Save the tokenizer with a run (the experiments do) and load it
+        to reproduce or resume; byte-level BPE training is deterministic."""
         specials = list(dict.fromkeys(SPECIALS.values()))
         if vocab_size <= len(specials):
             raise ValueError(f"vocab_size must exceed the {len(specials)} special tokens")

@@ -1,0 +1,127 @@
+"""The pretraining and fine-tuning experiments end to end, on tiny models and small files the
+tests write: outputs written, --resume exact, a pretrained backbone reused, LoRA runs saving
+only adapters and the head."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from functional_llm import checkpoint
+from functional_llm.testing import assert_trees_equal
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", "--no-plot",
+        "--batch-size", "4"]  # fmt: skip
+
+
+def load(name):
+    sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SENTENCES = [
+    "The cat sat on the mat.", "A dog ran in the park.", "Birds sing in the morning.",
+    "The sun rose over the hills.", "Rain fell on the old roof.", "She read a long book.",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny BERT pretrained for 6 steps, and the same run stopped at 3 and resumed."""
+    root = tmp_path_factory.mktemp("pretrain")
+    docs = "\n\n".join(" ".join(SENTENCES[i % 6 :] + SENTENCES[: i % 6]) for i in range(24))
+    (root / "corpus.txt").write_text(docs)
+    common = [*TINY, "--data", str(root / "corpus.txt"), "--vocab-size", "120",
+              "--max-length", "32", "--eval-interval", "3", "--eval-batches", "2",
+              "--ckpt-interval", "3", "--warmup", "2", "--decay-steps", "6"]  # fmt: skip
+    script = load("pretrain_bert")
+    script.main([*common, "--max-steps", "3", "--out-dir", str(root / "split")])
+    script.main([*common, "--max-steps", "6", "--out-dir", str(root / "split"), "--resume"])
+    # The same tokenizer: WordPiece training differs between processes (tokenizers#1794).
+    whole = script.main([*common, "--max-steps", "6", "--out-dir", str(root / "whole"),
+                         "--tokenizer", str(root / "split" / "tokenizer.json")])  # fmt: skip
+    return root, whole
+
+
+def test_pretraining_writes_its_outputs_and_resumes_exactly(pretrained):
+    root, result = pretrained
+    for name in ("tokenizer.json", "bert.safetensors", "metrics.jsonl", "checkpoints"):
+        assert (root / "whole" / name).exists(), name
+    assert 0.0 <= result["val_nsp_accuracy"] <= 1.0 and result["val_perplexity"] > 1.0
+    records = [json.loads(x) for x in (root / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_mlm_loss" in r] == [0, 3, 6]
+    assert_trees_equal(
+        checkpoint.load(root / "split" / "bert.safetensors"),
+        checkpoint.load(root / "whole" / "bert.safetensors"),
+    )
+
+
+def test_classification_from_pretrained_beside_naive_bayes(pretrained, tmp_path):
+    root, _ = pretrained
+    rows = [(s, i % 2) for i, s in enumerate(SENTENCES * 4)]
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}.tsv").write_text(
+            "sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows)
+        )
+    args = [*TINY, "--train", str(tmp_path / "train.tsv"), "--dev", str(tmp_path / "dev.tsv"),
+            "--pretrained", str(root / "whole"), "--epochs", "1"]  # fmt: skip
+    result = load("finetune_classify").main([*args, "--out-dir", str(tmp_path / "full")])
+    assert {"accuracy", "macro_f1", "nb_accuracy", "nb_macro_f1"} <= set(result)
+    assert result["nb_accuracy"] == 1.0  # the same sentences: Naive Bayes memorises them
+    lora = load("finetune_classify").main(
+        [*args, "--lora-rank", "2", "--out-dir", str(tmp_path / "lora")]
+    )
+    assert 0.0 <= lora["accuracy"] <= 1.0
+    saved = checkpoint.load(tmp_path / "lora" / "model.safetensors")
+    assert set(saved) == {"adapters", "head"}
+
+
+def test_gpt_classifier_from_scratch(tmp_path):
+    rows = [{"text": s, "label": ["a", "b"][i % 2]} for i, s in enumerate(SENTENCES * 2)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = load("finetune_classify").main(
+        [*TINY, "--backbone", "gpt", "--vocab-size", "100", "--train", str(tmp_path / "d.jsonl"),
+         "--dev", str(tmp_path / "d.jsonl"), "--epochs", "1", "--out-dir", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_tagging_on_conll(pretrained, tmp_path):
+    root, _ = pretrained
+    conll = "-DOCSTART- O\n\n" + "The O\ncat B-ANIMAL\nsat O\n\nA O\nbig B-ANIMAL\ndog I-ANIMAL\n\n"
+    (tmp_path / "t.conll").write_text(conll * 4)
+    result = load("finetune_tagging").main(
+        [*TINY, "--train", str(tmp_path / "t.conll"), "--dev", str(tmp_path / "t.conll"),
+         "--pretrained", str(root / "whole"), "--epochs", "2", "--scheme", "bioes",
+         "--freeze", "backbone.embed.*", "--layer-decay", "0.8",
+         "--out-dir", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert {"precision", "recall", "f1", "word_accuracy"} <= set(result)
+
+
+def test_qa_on_squad_with_held_out_articles(pretrained, tmp_path):
+    root, _ = pretrained
+    articles = []
+    for a, sentence in enumerate(SENTENCES):
+        context = sentence + " " + " ".join(SENTENCES)
+        word = sentence.split()[1]
+        qas = [
+            {"id": f"{a}-1", "question": f"What is {word}?", "is_impossible": False,
+             "answers": [{"text": word, "answer_start": context.index(word)}]},
+            {"id": f"{a}-2", "question": "Who?", "is_impossible": True, "answers": []},
+        ]  # fmt: skip
+        articles.append({"title": str(a), "paragraphs": [{"context": context, "qas": qas}]})
+    (tmp_path / "s.json").write_text(json.dumps({"version": "v2.0", "data": articles}))
+    result = load("finetune_qa").main(
+        [*TINY, "--train", str(tmp_path / "s.json"), "--holdout-every", "3", "--epochs", "1",
+         "--pretrained", str(root / "whole"), "--doc-stride", "8", "--max-query", "8",
+         "--out-dir", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert result["no_answer_exact"] == 50.0  # half the held-out questions are unanswerable
+    assert 0.0 <= result["exact"] <= 100.0 and 0.0 <= result["f1"] <= 100.0
