@@ -116,7 +116,7 @@ class Run:
         import matplotlib.pyplot as plt
 
         steps = [r for r in self.records if "loss" in r]
-        evals = [r for r in self.records if metric in r]
+        evals = [r for r in self.records if metric in r and "step" in r]
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         left.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
         left.set(xlabel="step", ylabel="training loss (batch)", title=self.out.name)

@@ -8,7 +8,9 @@
 With no ``--data`` the corpus is the standard library's documentation prose
 (``stdlib_text.py``: docstrings and the language reference topics; a module or a topic is a
 document). A ``.txt`` file holds documents separated by blank lines; in a ``.tsv``, ``.csv`` or
-``.jsonl`` file each row's text is a document of one segment. Every 10th document is held out.
+``.jsonl`` file each row's text is a document of one segment; in a SQuAD ``.json`` file each
+context paragraph is a document (questions and answers unused). Every 10th document is held
+out.
 
 Each document's sentences are packed into segments of at most ``(max_length - 3) / 2`` tokens.
 Each epoch pairs consecutive segments ``[CLS] a [SEP] b [SEP]``, replacing b by a segment of
@@ -49,7 +51,7 @@ from functional_llm.losses import IGNORE
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
-    a("--data", action="append", default=[], help="text/TSV/CSV/JSONL file (repeatable)")
+    a("--data", action="append", default=[], help="text/TSV/CSV/JSONL/SQuAD file (repeatable)")
     a("--with-stdlib", action="store_true", help="add the stdlib prose to --data")
     a("--vocab-size", type=int, default=8000)
     a("--tokenizer", help="a saved tokenizer.json to use instead of training one")
@@ -87,6 +89,9 @@ def read_documents(args: argparse.Namespace) -> tuple[list[list[str]], list[list
     for path in map(Path, args.data):
         if path.suffix.lower() in (".tsv", ".csv", ".jsonl"):
             docs += [[e["text"]] for e in data.read_classification(path)]
+        elif path.suffix.lower() == ".json":  # SQuAD: each distinct context is a document
+            contexts = dict.fromkeys(e.context for e in data.read_squad(path))
+            docs += [stdlib_text.sentences(c) for c in contexts]
         else:
             text = path.read_text(encoding="utf-8")
             docs += [stdlib_text.sentences(block) for block in text.split("\n\n")]

@@ -85,11 +85,14 @@ def test_classification_from_pretrained_beside_naive_bayes(pretrained, tmp_path)
 def test_gpt_classifier_from_scratch(tmp_path):
     rows = [{"text": s, "label": ["a", "b"][i % 2]} for i, s in enumerate(SENTENCES * 2)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_plot = [a for a in TINY if a != "--no-plot"]
     result = load("finetune_classify").main(
-        [*TINY, "--backbone", "gpt", "--vocab-size", "100", "--train", str(tmp_path / "d.jsonl"),
-         "--dev", str(tmp_path / "d.jsonl"), "--epochs", "1", "--out-dir", str(tmp_path / "o")]
+        [*with_plot, "--backbone", "gpt", "--vocab-size", "100", "--epochs", "1",
+         "--train", str(tmp_path / "d.jsonl"), "--dev", str(tmp_path / "d.jsonl"),
+         "--out-dir", str(tmp_path / "o")]
     )  # fmt: skip
     assert 0.0 <= result["accuracy"] <= 1.0
+    assert (tmp_path / "o" / "curves.png").stat().st_size > 0
 
 
 def test_tagging_on_conll(pretrained, tmp_path):
