@@ -37,7 +37,7 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
     a("--dropout", type=float, default=0.1)
     a("--epochs", type=int, default=epochs)
     a("--batch-size", type=int, default=32)
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=3e-4)
     a("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
     a("--weight-decay", type=float, default=0.01)
     a("--freeze", action="append", default=[], help="glob of params to freeze (repeatable)")
@@ -161,10 +161,7 @@ def fit(
         opt = optim.chain(opt, finetune.layerwise_decay(args.layer_decay, depth))
     step = train.make_step(lambda t, b, k: loss_fn(effective(t), b, k), opt, clip_norm=1.0)
     state = train.init_state(trainable, opt, k_train)
-    n_trained = fl.tree.size(trainable) - sum(
-        x.numel() for p, x in fl.tree.flatten(trainable).items()
-        if args.freeze and fl.tree.matches(p, *args.freeze)
-    )  # fmt: skip
+    n_trained, _ = finetune.count_trainable(trainable, tuple(args.freeze))
     print(f"{len(examples):,} training examples, {total} steps; {n_trained:,} of "
           f"{fl.tree.size(effective(trainable)):,} parameters trained")  # fmt: skip
     started = time.perf_counter()

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--with-stdlib", action="store_true", help="add the stdlib prose to --data")
     a("--vocab-size", type=int, default=8000)
     a("--tokenizer", help="a saved tokenizer.json to use instead of training one")
-    a("--max-length", type=int, default=64)
+    a("--max-length", type=int, default=128)
     a("--d-model", type=int, default=128)
     a("--n-layers", type=int, default=4)
     a("--n-heads", type=int, default=4)
@@ -119,13 +119,8 @@ def segments(tok: Any, docs: list[list[str]], budget: int) -> list[list[data.Enc
             current.append(enc)
         if current:
             packed.append(current)
-        out.append([_join(parts) for parts in packed])
+        out.append([data.Encoded.join(parts) for parts in packed])
     return out
-
-
-def _join(parts: list[data.Encoded]) -> data.Encoded:
-    return data.Encoded(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                          ("ids", "token_types", "offsets", "word_ids", "segments")))  # fmt: skip
 
 
 def examples(tok: Any, docs: list[list[data.Encoded]], key: torch.Tensor) -> list[dict]:

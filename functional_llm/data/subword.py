@@ -73,11 +73,11 @@ class Encoded:
     def take(self, index: slice | np.ndarray) -> Encoded:
         return Encoded(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
-
-def _concat(parts: Sequence[Encoded]) -> Encoded:
-    return Encoded(
-        *(np.concatenate([getattr(p, f) for p in parts]) for f in Encoded.__dataclass_fields__)
-    )
+    @staticmethod
+    def join(parts: Sequence[Encoded]) -> Encoded:
+        """The pieces one after another (e.g. sentences packed into one segment)."""
+        fields = Encoded.__dataclass_fields__
+        return Encoded(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
 def _from_hf(enc: tokenizers.Encoding, segment: int) -> Encoded:
@@ -213,7 +213,7 @@ class SubwordTokenizer:
         parts = [self.special_tokens("cls", 0), a, self.special_tokens("sep", 0)]
         if b is not None:
             parts += [b, self.special_tokens("sep", 1)]
-        return _concat(parts)
+        return Encoded.join(parts)
 
     def special_tokens(self, role: str, token_type: int = 0, count: int = 1) -> Encoded:
         """``count`` copies of one special token as an :class:`Encoded` piece."""
