@@ -62,6 +62,16 @@ def test_pretraining_writes_its_outputs_and_resumes_exactly(pretrained):
     )
 
 
+def test_pretraining_on_one_sentence_rows_trains_mlm_only(tmp_path):
+    rows = "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES * 4))
+    (tmp_path / "rows.tsv").write_text("sentence\tlabel\n" + rows)
+    result = load("pretrain_bert").main(
+        [*TINY, "--data", str(tmp_path / "rows.tsv"), "--vocab-size", "100", "--max-length", "16",
+         "--max-steps", "2", "--eval-interval", "2", "--out-dir", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert "val_nsp_accuracy" not in result and result["val_perplexity"] > 1.0
+
+
 def test_classification_from_pretrained_beside_naive_bayes(pretrained, tmp_path):
     root, _ = pretrained
     rows = [(s, i % 2) for i, s in enumerate(SENTENCES * 4)]
