@@ -76,7 +76,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             max_answer_tokens=args.max_answer_tokens,
         )  # fmt: skip
         scores = metrics.squad_scores(dev_ex, answers)
-        return {k: float(v) for k, v in scores.items() if not k.endswith("total")}
+        # Forced to answer (no "no answer"), on the answerable questions: whether the model
+        # locates answers at all, even where its no-answer score wins above.
+        forced = data.predict_answers(
+            dev_ex, dev_f, [s for s, _ in spans], [e for _, e in spans],
+            max_answer_tokens=args.max_answer_tokens, null_threshold=None,
+        )  # fmt: skip
+        answerable = [e for e in dev_ex if not e.impossible]
+        out = {k: float(v) for k, v in scores.items() if not k.endswith("total")}
+        if answerable:
+            out["HasAns_f1_forced"] = metrics.squad_scores(answerable, forced)["f1"]
+        return out
 
     run = common.Run(Path(args.out_dir))
     print(f"{len(train_f):,} training windows, {len(dev_f):,} dev windows")
@@ -86,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"dev exact match {final['exact']:.2f}, F1 {final['f1']:.2f} "
           f"(answerable: EM {final.get('HasAns_exact', float('nan')):.2f}, "
           f"F1 {final.get('HasAns_f1', float('nan')):.2f}; unanswerable: "
-          f"{final.get('NoAns_exact', float('nan')):.2f}); always 'no answer': "
+          f"{final.get('NoAns_exact', float('nan')):.2f}; answerable, forced to answer: "
+          f"F1 {final.get('HasAns_f1_forced', float('nan')):.2f}); always 'no answer': "
           f"EM {no_answer['exact']:.2f}")  # fmt: skip
     return {**final, "no_answer_exact": no_answer["exact"]}
 
