@@ -167,3 +167,37 @@ def test_read_squad_v2(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ValueError, match="not a SQuAD file"):
         data.read_squad(tmp_path / "x.json")
+
+
+def test_qa_pipeline_fits_a_small_set_end_to_end():
+    """Features -> span loss -> training -> predict_answers -> SQuAD scores: a small model fits
+    six answerable questions (the word after the one asked about) and one unanswerable."""
+    import functional_llm as fl
+    from functional_llm import losses, metrics, optim, random, train
+
+    tok = SubwordTokenizer.train([" ".join(WORDS)] * 5 + ["where who ?"] * 5, vocab_size=150)
+    examples = []
+    for i in range(6):
+        words = WORDS[i:] + WORDS[:i]
+        context, at = " ".join(words), len(" ".join(words[:3])) + 1
+        examples.append(QAExample(str(i), f"where {words[2]} ?", context, (words[3],), (at,)))
+    examples.append(QAExample("none", "who ?", " ".join(WORDS), (), (), impossible=True))
+    features = data.qa_features(tok, examples, max_length=24, doc_stride=4, max_query=8)
+    fields = ("tokens", "token_types", "start", "end")
+    batch = data.pad_batch([{k: f[k] for k in fields} for f in features],
+                           {"tokens": tok.id_of("pad")})  # fmt: skip
+    cfg = fl.models.BERTConfig(vocab_size=tok.vocab_size, max_seq_len=24, d_model=32,
+                               n_layers=2, n_heads=2, d_ff=64, dropout=0.0)  # fmt: skip
+    model = fl.models.ExtractiveQA(fl.models.BERT(cfg))
+    step = train.make_step(losses.qa_span(model), optim.adam(3e-3))
+    state = train.init_state(model.init(random.key(0)), optim.adam(3e-3), random.key(1))
+    for _ in range(400):
+        state, _ = step(state, batch)
+    spans = model.apply(state.params, batch["tokens"], valid=batch["valid"],
+                        token_types=batch["token_types"])  # fmt: skip
+    n = batch["valid"].sum(-1).tolist()
+    starts = [spans.start[r, : n[r]].detach().numpy() for r in range(len(n))]
+    ends = [spans.end[r, : n[r]].detach().numpy() for r in range(len(n))]
+    answers = data.predict_answers(examples, features, starts, ends)
+    assert answers == {**{e.id: e.answers[0] for e in examples[:6]}, "none": ""}
+    assert metrics.squad_scores(examples, answers)["exact"] == 100.0
