@@ -24,17 +24,31 @@ from functional_llm import checkpoint, data, finetune, optim, random, train
 from functional_llm.lora import LoRA
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The shape of a fresh backbone (the same defaults in every script)."""
+    a = p.add_argument
+    a("--max-length", type=int, default=128)
+    a("--d-model", type=int, default=128)
+    a("--n-layers", type=int, default=4)
+    a("--n-heads", type=int, default=4)
+    a("--d-ff", type=int, default=512)
+    a("--dropout", type=float, default=0.1)
+
+
+def model_fields(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    """Config fields shared by ``BERTConfig`` and ``GPTConfig`` from :func:`add_model_args`."""
+    return dict(
+        vocab_size=vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
+        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
+    )  # fmt: skip
+
+
 def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
     a = p.add_argument
     a("--pretrained", help="a pretrain_bert.py output directory (default: a fresh backbone)")
     a("--backbone", choices=("bert", "gpt"), default="bert", help="fresh backbone's family")
     a("--vocab-size", type=int, default=4000, help="fresh tokenizer's vocabulary")
-    a("--d-model", type=int, default=128)
-    a("--n-layers", type=int, default=2)
-    a("--n-heads", type=int, default=4)
-    a("--d-ff", type=int, default=512)
-    a("--max-length", type=int, default=128)
-    a("--dropout", type=float, default=0.1)
+    add_model_args(p)
     a("--epochs", type=int, default=epochs)
     a("--batch-size", type=int, default=32)
     a("--lr", type=float, default=3e-4)
@@ -69,16 +83,8 @@ def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tu
         return tok, model, params
     tok = data.SubwordTokenizer.train(texts(), args.vocab_size)
     if args.backbone == "gpt":
-        cfg = fl.models.GPTConfig(
-            vocab_size=tok.vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
-            n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
-        )  # fmt: skip
-        return tok, fl.models.GPT(cfg), None
-    cfg = fl.models.BERTConfig(
-        vocab_size=tok.vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
-    )  # fmt: skip
-    return tok, fl.models.BERT(cfg), None
+        return tok, fl.models.GPT(fl.models.GPTConfig(**model_fields(args, tok.vocab_size))), None
+    return tok, fl.models.BERT(fl.models.BERTConfig(**model_fields(args, tok.vocab_size))), None
 
 
 def init_params(head_model: Any, pretrained: Any, key: torch.Tensor) -> Any:

@@ -55,12 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--with-stdlib", action="store_true", help="add the stdlib prose to --data")
     a("--vocab-size", type=int, default=8000)
     a("--tokenizer", help="a saved tokenizer.json to use instead of training one")
-    a("--max-length", type=int, default=128)
-    a("--d-model", type=int, default=128)
-    a("--n-layers", type=int, default=4)
-    a("--n-heads", type=int, default=4)
-    a("--d-ff", type=int, default=512)
-    a("--dropout", type=float, default=0.1)
+    common.add_model_args(p)
     a("--batch-size", type=int, default=32)
     a("--max-steps", type=int, default=1000)
     a("--lr", type=float, default=1e-3)
@@ -185,10 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     budget = (args.max_length - 3) // 2
     train_segs, held_segs = segments(tok, train_docs, budget), segments(tok, held_docs, budget)
 
-    cfg = fl.models.BERTConfig(
-        vocab_size=tok.vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
-    )  # fmt: skip
+    cfg = fl.models.BERTConfig(**common.model_fields(args, tok.vocab_size))
     model = fl.models.BERT(cfg)
     decay_steps = args.decay_steps or args.max_steps
     schedule = optim.warmup_cosine(args.lr, min(args.warmup, decay_steps), decay_steps)
