@@ -39,14 +39,14 @@ def run(name: str, flags: list[str]) -> dict:
     return script(name).main(flags)
 
 
-def sst2(folder: Path, out: Path, steps: int) -> list[str]:
+def sst2(folder: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
     model = ["--max-length", "64", "--d-model", "128", "--n-layers", "4", "--n-heads", "4",
              "--d-ff", "512"]  # fmt: skip
     pre = run("pretrain_bert", ["--data", str(folder / "train.tsv"), "--with-stdlib",
                                 "--max-steps", str(steps), "--out-dir", str(out / "pretrain_sst2"),
                                 *model[:2]])  # fmt: skip
     task = ["--train", str(folder / "train.tsv"), "--dev", str(folder / "dev.tsv"),
-            "--epochs", "2", "--lr", "2e-4"]  # fmt: skip
+            "--epochs", "2", "--lr", "2e-4", *extra]  # fmt: skip
     tuned = run("finetune_classify", [*task, "--pretrained", str(out / "pretrain_sst2"),
                                       "--out-dir", str(out / "finetune_sst2")])  # fmt: skip
     fresh = run("finetune_classify", [*task, *model, "--vocab-size", "8000",
@@ -59,12 +59,12 @@ def sst2(folder: Path, out: Path, steps: int) -> list[str]:
     ]
 
 
-def squad(path: Path, out: Path, steps: int) -> list[str]:
+def squad(path: Path, out: Path, steps: int, extra: list[str]) -> list[str]:
     run("pretrain_bert", ["--data", str(path), "--with-stdlib", "--max-steps", str(steps),
                           "--out-dir", str(out / "pretrain_squad")])  # fmt: skip
     result = run("finetune_qa", ["--pretrained", str(out / "pretrain_squad"), "--train", str(path),
                                  "--holdout-every", "5", "--epochs", "5", "--max-length", "128",
-                                 "--out-dir", str(out / "finetune_squad")])  # fmt: skip
+                                 "--out-dir", str(out / "finetune_squad"), *extra])  # fmt: skip
     return [
         f"| SQuAD 2.0 sample, held-out article: EM / F1 | {result['exact']:.2f} / "
         f"{result['f1']:.2f} | always no-answer EM {result['no_answer_exact']:.2f} |",
@@ -76,13 +76,15 @@ def main() -> None:
     p.add_argument("--sst2", type=Path, help="folder with SST-2 train.tsv and dev.tsv")
     p.add_argument("--squad", type=Path, help="a SQuAD v2.0 JSON file")
     p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--max-train", type=int, help="fine-tune on the first N examples (a smoke run)")
     p.add_argument("--out-dir", type=Path, default=Path("out/bert_real_data"))
     args = p.parse_args()
+    extra = [] if args.max_train is None else ["--max-train", str(args.max_train)]
     rows = ["| run | ours | baseline |", "|---|---|---|"]
     if args.sst2:
-        rows += sst2(args.sst2, args.out_dir, args.pretrain_steps)
+        rows += sst2(args.sst2, args.out_dir, args.pretrain_steps, extra)
     if args.squad:
-        rows += squad(args.squad, args.out_dir, args.pretrain_steps // 2)
+        rows += squad(args.squad, args.out_dir, args.pretrain_steps // 2, extra)
     print("\n" + "\n".join(rows))
 
 
