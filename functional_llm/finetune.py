@@ -15,9 +15,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from functional_llm import tree
+from functional_llm.nn.module import check_tree
 from functional_llm.optim import (
     EmptyState,
     GradientTransformation,
@@ -32,26 +31,18 @@ __all__ = ["count_trainable", "freeze", "layer_index", "layerwise_decay", "with_
 PyTree = Any
 
 
-def with_backbone(params: PyTree, pretrained: PyTree, *, strict: bool = True) -> PyTree:
+def with_backbone(params: PyTree, pretrained: PyTree) -> PyTree:
     """``params`` (a head model's ``{"backbone", "head"}``) with its backbone replaced by
-    ``pretrained``. Every backbone path must be in ``pretrained`` with the same shape and dtype;
-    with ``strict`` extra pretrained leaves are an error too (``strict=False`` drops them)."""
-    want, got = tree.flatten(params["backbone"]), tree.flatten(pretrained)
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    if missing or (strict and extra):
-        raise ValueError(
-            f"pretrained backbone does not fit: missing {missing[:5]}, unexpected {extra[:5]}"
-        )
-    for path, x in want.items():
-        y = got[path]
-        if tuple(x.shape) != tuple(y.shape) or x.dtype != y.dtype:
+    ``pretrained``, which must have the backbone's structure, shapes and dtypes: an error names
+    each path that does not fit (:func:`~functional_llm.nn.module.check_tree`)."""
+    check_tree(pretrained, params["backbone"], "backbone")
+    want = tree.flatten(params["backbone"])
+    for path, x in tree.flatten(pretrained).items():
+        if x.dtype != want[path].dtype:
             raise ValueError(
-                f"pretrained backbone.{path} is {tuple(y.shape)} {y.dtype}, the model wants "
-                f"{tuple(x.shape)} {x.dtype}"
+                f"pretrained backbone.{path} is {x.dtype}, the model wants {want[path].dtype}"
             )
-    backbone = tree.unflatten({p: got[p] for p in want}, like=params["backbone"])
-    return {**params, "backbone": backbone}
+    return {**params, "backbone": pretrained}
 
 
 def freeze(optimizer: GradientTransformation, *patterns: Pattern) -> GradientTransformation:
@@ -100,7 +91,5 @@ def layerwise_decay(decay: float, num_layers: int) -> GradientTransformation:
 
 def count_trainable(params: PyTree, frozen: tuple[Pattern, ...] = ()) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts when the ``frozen`` patterns are frozen."""
-    flat = tree.flatten(params)
-    total = sum(x.numel() for x in flat.values() if isinstance(x, torch.Tensor))
-    held = sum(x.numel() for p, x in flat.items() if frozen and tree.matches(p, *frozen))
-    return total - held, total
+    total = tree.size(params)
+    return total - (tree.size(tree.select(params, *frozen)) if frozen else 0), total

@@ -111,10 +111,14 @@ def test_with_backbone_attaches_pretrained_and_names_misfits():
         **pretrained,
         "pooler": {**pretrained["pooler"], "w": torch.zeros(16, 8, dtype=torch.float64)},
     }
-    with pytest.raises(ValueError, match=r"backbone\.pooler\.w is \(16, 8\).*\(16, 16\)"):
+    shapes = r"backbone\.pooler\.w: expected shape \(16, 16\), got \(16, 8\)"
+    with pytest.raises(ValueError, match=shapes):
         finetune.with_backbone(params, wrong)
     with pytest.raises(ValueError, match="missing"):
         finetune.with_backbone(params, {k: v for k, v in pretrained.items() if k != "nsp"})
+    single = fl.tree.map(lambda x: x.float(), pretrained)
+    with pytest.raises(ValueError, match=r"torch\.float32, the model wants torch\.float64"):
+        finetune.with_backbone(params, single)
 
 
 def test_freeze_keeps_frozen_params_and_allocates_no_state_for_them():
