@@ -68,13 +68,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--dev", help="CSV/TSV/JSONL dev file (needed with --train)")
     common.add_args(p, "out/finetune_classify")
     args = p.parse_args(argv)
-    if bool(args.train) != bool(args.dev):
-        p.error("--train and --dev go together")
-    if args.train:
-        train_ex, dev_ex = data.read_classification(args.train), data.read_classification(args.dev)
-    else:
-        train_ex, dev_ex = stdlib_text.classify_task()
-    train_ex = train_ex[: args.max_train]
+    train_ex, dev_ex = common.train_dev(
+        p, args, data.read_classification, stdlib_text.classify_task
+    )
     labels = data.label_vocab(train_ex)
     print(f"{len(train_ex):,} training and {len(dev_ex):,} dev examples; labels {labels}")
 

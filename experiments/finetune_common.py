@@ -65,6 +65,20 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
     a("--no-plot", action="store_true")
 
 
+def train_dev(
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    read: Callable[[str], list],
+    default: Callable[[], tuple[list, list]],
+) -> tuple[list, list]:
+    """``(train, dev)`` from ``--train``/``--dev`` (read with ``read``) or the ``default`` task;
+    the training split is cut to ``--max-train``."""
+    if bool(args.train) != bool(args.dev):
+        p.error("--train and --dev go together")
+    train_part, dev_part = (read(args.train), read(args.dev)) if args.train else default()
+    return train_part[: args.max_train], dev_part
+
+
 def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tuple[Any, Any, Any]:
     """``(tokenizer, backbone model, pretrained params or None)``; a fresh backbone gets a
     tokenizer trained on ``texts()``."""

@@ -38,13 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--scheme", choices=("bio", "bioes"), default="bio")
     common.add_args(p, "out/finetune_tagging", epochs=4)
     args = p.parse_args(argv)
-    if bool(args.train) != bool(args.dev):
-        p.error("--train and --dev go together")
-    if args.train:
-        train_s, dev_s = data.read_conll(args.train), data.read_conll(args.dev)
-    else:
-        train_s, dev_s = stdlib_text.tagging_task()
-    train_s = train_s[: args.max_train]
+    train_s, dev_s = common.train_dev(p, args, data.read_conll, stdlib_text.tagging_task)
     if args.scheme == "bioes":
         train_s = [(w, data.bio_to_bioes(t)) for w, t in train_s]
         dev_s = [(w, data.bio_to_bioes(t)) for w, t in dev_s]
