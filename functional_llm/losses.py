@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "IGNORE",
@@ -73,18 +74,21 @@ def cross_entropy(
     counted = y != ignore_index
     count = counted.sum()
     denominator = count.clamp(min=1).to(z.dtype)
-    safe_y = torch.where(counted, y, 0)
-    lse = torch.logsumexp(z, dim=-1)
-    nll = (lse - z.gather(-1, safe_y[:, None]).squeeze(-1)) * counted
+    # log_softmax and nll_loss rather than logsumexp and gather: with logits sharded over the
+    # vocabulary (tensor parallel) DTensor's loss_parallel runs exactly these two ops sharded.
+    logp = F.log_softmax(z, dim=-1)
+    nll = F.nll_loss(logp, y, ignore_index=ignore_index, reduction="none")  # 0 where ignored
     per_token = nll
     if label_smoothing:
-        uniform = (lse - z.mean(dim=-1)) * counted
+        uniform = -logp.mean(dim=-1) * counted  # = lse - mean_c z_c
         per_token = (1 - label_smoothing) * nll + label_smoothing * uniform
     if z_loss:
+        lse = torch.logsumexp(z, dim=-1)
         per_token = per_token + z_loss * lse.square() * counted
     loss = per_token.sum() / denominator
     with torch.no_grad():
-        hits = (z.argmax(dim=-1) == y) & counted
+        # a hit: the target's log-probability is the largest (argmax, up to exact ties)
+        hits = (-nll >= logp.amax(dim=-1)) & counted
         aux = {
             "loss": loss.detach(),
             "nll": nll.sum().detach() / denominator,
