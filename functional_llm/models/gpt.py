@@ -177,15 +177,9 @@ class GPT(Layer):
         check_ids("tokens", tokens, c.max_seq_len)
         check_like("valid", valid, "tokens", tokens)
         self.check(params)
-        parts = self._parts()
         k_embed, k_stack = maybe_split(key)
         pos = positions_like(tokens) if positions is None else positions
-        h = parts["embed"].apply(params["embed"], tokens)
-        if c.positions == "learned":
-            h = h + parts["pos"].apply(params["pos"], pos)
-        elif c.positions == "sinusoidal":
-            h = h + sinusoidal(pos, c.d_model).to(h.dtype)
-        h = dropout(h, c.dropout, k_embed)
+        h = self.embed(params, tokens, pos, key=k_embed)
         mask = None if valid is None else key_padding_mask(valid)
         return self.stack.apply(
             params,
@@ -196,6 +190,23 @@ class GPT(Layer):
             key=k_stack,
             return_weights=return_weights,
         )
+
+    def embed(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The blocks' input ``h_0 = E[tokens] (+ P[positions])``, with dropout under ``key``."""
+        c = self.config
+        parts = self._parts()
+        h = parts["embed"].apply(params["embed"], tokens)
+        if c.positions == "learned":
+            h = h + parts["pos"].apply(params["pos"], positions)
+        elif c.positions == "sinusoidal":
+            h = h + sinusoidal(positions, c.d_model).to(h.dtype)
+        return dropout(h, c.dropout, key)
 
     def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Unembed hidden states: ``(..., d_model) -> (..., vocab)``."""

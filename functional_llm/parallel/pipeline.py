@@ -1,0 +1,227 @@
+"""Pipeline parallelism: a model cut into stages along a ``pp`` mesh axis, run by
+``torch.distributed.pipelining`` (GPipe, 1F1B, and its other schedules).
+
+The engine wants an ``nn.Module`` per stage; :class:`StageModule` is the thin adapter: it holds
+one stage's params as ``nn.Parameter`` aliases for one step and calls the pure stage function.
+Everything around it stays functional::
+
+    stages = parallel.pipeline.gpt_stages(model, n_stages=2)
+    step = parallel.pipeline.PipelineStep(stages, mesh, opt, n_microbatches=4, schedule="1F1B")
+    state = step.init_state(params, key)             # this rank's stage: params and opt state
+    state, metrics = step(state, batch)              # metrics["loss"] on every rank
+
+Stage ``s`` of ``pp`` runs ``stages[s]``; the first stage takes the tokens, the last returns
+logits and the schedule applies ``cross_entropy`` per micro-batch; gradients are the mean over
+micro-batches (the schedule's ``scale_grads``), which equals the full batch's gradient when
+micro-batches count the same number of tokens. With a ``dp`` axis too, each data-parallel
+replica of the pipeline takes its share of the batch and DTensor averages the gradients over
+``dp``. A weight used by two stages (GPT-2's tied embedding, in the first and the last) is held
+by both; their gradients are summed over ``pp`` so both copies take the same update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+from functional_llm import losses, tree
+from functional_llm.nn.positions import positions_like
+from functional_llm.optim.base import GradientTransformation, apply_updates
+from functional_llm.optim.clipping import global_norm
+from functional_llm.train import TrainState
+
+__all__ = ["PipelineStep", "Stage", "StageModule", "gpt_stages", "SCHEDULES"]
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+PyTree = Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: ``select(params)`` is its share of the full params, ``apply(p, x)``
+    its pure function; ``shared`` names params that another stage also holds (tied)."""
+
+    select: Callable[[PyTree], PyTree]
+    apply: Callable[[PyTree, torch.Tensor], torch.Tensor]
+    shared: tuple[str, ...] = ()
+
+
+def _ranges(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous, balanced block ranges (the first stages take one more when it doesn't divide)."""
+    if not 1 <= n_stages <= n_layers:
+        raise ValueError(f"pipeline: need 1 <= n_stages <= n_layers ({n_layers}), got {n_stages}")
+    base, extra = divmod(n_layers, n_stages)
+    bounds = [0]
+    for s in range(n_stages):
+        bounds.append(bounds[-1] + base + (s < extra))
+    return [range(bounds[s], bounds[s + 1]) for s in range(n_stages)]
+
+
+def gpt_stages(model: Any, n_stages: int) -> list[Stage]:
+    """A :class:`~functional_llm.models.GPT` cut into ``n_stages`` by blocks: the first stage
+    embeds, the last norms and unembeds. Dropout is off in pipelined stages (the engine passes
+    activations only, no keys); a config with dropout is rejected."""
+    c = model.config
+    if c.dropout:
+        raise ValueError("gpt_stages: pipeline stages run without dropout keys; set dropout=0")
+    blocks = _ranges(c.n_layers, n_stages)
+    head = ("norm", "embed") if c.tie_embeddings else ("norm", "unembed")
+    stages = []
+    for s, layers in enumerate(blocks):
+        first, last = s == 0, s == n_stages - 1
+        names = (("embed", "pos") if first else ()) + (head if last else ())
+
+        def select(params: PyTree, names: tuple = names, layers: range = layers) -> PyTree:
+            own = {n: params[n] for n in names if n in params}
+            return {**own, "blocks": [params["blocks"][i] for i in layers]}
+
+        def apply(p: PyTree, x: torch.Tensor, first: bool = first, last: bool = last) -> Any:
+            pos = positions_like(x if first else x[..., 0])
+            h = model.embed(p, x, pos) if first else x
+            for block_params in p["blocks"]:
+                h = model.block.apply(block_params, h, causal=True, positions=pos)
+            if not last:
+                return h
+            return model.logits(p, model.block._norm().apply(p["norm"], h))
+
+        shared = ("embed",) if c.tie_embeddings and n_stages > 1 and (first or last) else ()
+        stages.append(Stage(select, apply, shared))
+    return stages
+
+
+class StageModule(nn.Module):
+    """The adapter ``torch.distributed.pipelining`` needs: ``forward(x) = apply(params, x)``
+    with the params registered as parameters. :meth:`load` swaps in a step's params as fresh
+    leaf aliases (no copy); the engine's backward leaves their gradients in ``.grad``."""
+
+    def __init__(self, apply: Callable[[PyTree, torch.Tensor], torch.Tensor], params: PyTree):
+        super().__init__()
+        self._apply_fn = apply
+        self._like = params
+        self.load(params)
+
+    def load(self, params: PyTree) -> None:
+        self._paths = list(tree.flatten(params))
+        for i, x in enumerate(tree.leaves(params)):
+            self._parameters[f"p{i}"] = nn.Parameter(x.detach(), requires_grad=x.is_floating_point())
+
+    def grads(self) -> PyTree:
+        """The gradients of the loaded params (zeros where none flowed)."""
+        leaves = [self._parameters[f"p{i}"] for i in range(len(self._paths))]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in leaves]
+        return tree.unflatten(dict(zip(self._paths, grads, strict=True)), self._like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leaves = [self._parameters[f"p{i}"] for i in range(len(self._paths))]
+        return self._apply_fn(tree.unflatten(dict(zip(self._paths, leaves, strict=True)), self._like), x)
+
+
+class PipelineStep:
+    """A train step for this rank's stage: ``(state, batch) -> (state, metrics)`` with
+    ``batch["tokens"]: (B, T+1)`` (inputs and next-token targets, as
+    :func:`functional_llm.losses.next_token`). ``mesh`` has a ``pp`` axis and optionally ``dp``;
+    every rank passes the same full batch."""
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        mesh: DeviceMesh,
+        optimizer: GradientTransformation,
+        *,
+        n_microbatches: int,
+        schedule: str = "1f1b",
+        clip_norm: float | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        names = mesh.mesh_dim_names or ()
+        if "pp" not in names or set(names) - {"pp", "dp"}:
+            raise ValueError(f"PipelineStep: the mesh needs a 'pp' axis (and optionally 'dp'), got {names}")
+        if mesh["pp"].size() != len(stages):
+            raise ValueError(f"PipelineStep: {len(stages)} stages for a pp axis of {mesh['pp'].size()}")
+        if schedule.lower() not in SCHEDULES:
+            raise ValueError(f"PipelineStep: schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        self.mesh, self.optimizer, self.clip_norm = mesh, optimizer, clip_norm
+        self.pp_mesh = mesh["pp"]
+        self.dp_mesh = mesh["dp"] if "dp" in names else None
+        self.index = self.pp_mesh.get_local_rank()
+        self.stage = stages[self.index]
+        self.n_stages, self.n_microbatches = len(stages), n_microbatches
+        self.schedule_cls, self.device = SCHEDULES[schedule.lower()], torch.device(device)
+        self._module: StageModule | None = None
+        self._schedule: Any = None
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.n_stages - 1
+
+    def init_state(self, params: PyTree, key: torch.Tensor) -> TrainState:
+        """This stage's share of the full ``params``, its optimizer state, step 0."""
+        own = self.stage.select(params)
+        return TrainState(own, self.optimizer.init(own), torch.zeros((), dtype=torch.int64), key)
+
+    def _build(self, params: PyTree) -> None:
+        self._module = StageModule(self.stage.apply, params)
+        stage = PipelineStage(
+            self._module, self.index, self.n_stages, self.device, group=self.pp_mesh.get_group()
+        )
+
+        def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return losses.cross_entropy(logits, targets)[0]
+
+        self._schedule = self.schedule_cls(stage, self.n_microbatches, loss_fn=loss)
+
+    def _reduce(self, x: torch.Tensor, mesh: DeviceMesh, op: str) -> torch.Tensor:
+        """``x`` summed (or averaged) over ``mesh``, by DTensor (a Partial made Replicate)."""
+        return DTensor.from_local(x, mesh, [Partial(op)]).redistribute(mesh, [Replicate()]).to_local()
+
+    def __call__(self, state: TrainState, batch: dict[str, torch.Tensor]) -> tuple[TrainState, dict]:
+        tokens = batch["tokens"]
+        if self.dp_mesh is not None:  # this replica's share of the batch
+            tokens = tokens.chunk(self.dp_mesh.size())[self.dp_mesh.get_local_rank()]
+        if self._module is None:
+            self._build(state.params)
+        else:
+            self._module.load(state.params)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        step_losses: list[torch.Tensor] = []
+        if self.first:
+            self._schedule.step(x, target=y if self.last else None, losses=step_losses)
+        elif self.last:
+            self._schedule.step(target=y, losses=step_losses)
+        else:
+            self._schedule.step()
+        grads = self._module.grads()
+        for name in self.stage.shared:  # tied weights: both holders get the summed gradient
+            grads[name] = tree.map(lambda g: self._reduce(g, self.pp_mesh, "sum"), grads[name])
+        if self.dp_mesh is not None:
+            grads = tree.map(lambda g: self._reduce(g, self.dp_mesh, "avg"), grads)
+        norm = self._global_norm(grads)
+        if self.clip_norm is not None:
+            factor = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)
+            grads = tree.map(lambda g: g * factor, grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = apply_updates(state.params, updates)
+        loss = torch.stack(step_losses).mean() if step_losses else torch.zeros(())
+        loss = self._reduce(loss.detach(), self.pp_mesh, "sum")  # only the last stage's is nonzero
+        if self.dp_mesh is not None:
+            loss = self._reduce(loss, self.dp_mesh, "avg")
+        metrics = {"loss": loss, "grad_norm": norm}
+        return TrainState(params, opt_state, state.step + 1, state.key), metrics
+
+    def _global_norm(self, grads: PyTree) -> torch.Tensor:
+        """The norm over every stage's gradients (a tied weight counted once)."""
+        sq = global_norm(grads).square()
+        if self.stage.shared and not self.first:  # the first stage's copy stands for both
+            sq = sq - sum(global_norm(grads[n]).square() for n in self.stage.shared)
+        return self._reduce(sq, self.pp_mesh, "sum").sqrt()
