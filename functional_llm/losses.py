@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "IGNORE",
@@ -74,21 +74,19 @@ def cross_entropy(
     counted = y != ignore_index
     count = counted.sum()
     denominator = count.clamp(min=1).to(z.dtype)
-    # log_softmax and nll_loss rather than logsumexp and gather: with logits sharded over the
-    # vocabulary (tensor parallel) DTensor's loss_parallel runs exactly these two ops sharded.
-    logp = F.log_softmax(z, dim=-1)
-    nll = F.nll_loss(logp, y, ignore_index=ignore_index, reduction="none")  # 0 where ignored
+    lse = _logsumexp(z)
+    target = _target_logit(z, torch.where(counted, y, 0))
+    nll = (lse - target) * counted
     per_token = nll
     if label_smoothing:
-        uniform = -logp.mean(dim=-1) * counted  # = lse - mean_c z_c
+        uniform = (lse - z.mean(dim=-1)) * counted
         per_token = (1 - label_smoothing) * nll + label_smoothing * uniform
     if z_loss:
-        lse = torch.logsumexp(z, dim=-1)
         per_token = per_token + z_loss * lse.square() * counted
     loss = per_token.sum() / denominator
     with torch.no_grad():
-        # a hit: the target's log-probability is the largest (argmax, up to exact ties)
-        hits = (-nll >= logp.amax(dim=-1)) & counted
+        # a hit: the target's logit is the largest (argmax, up to exact ties)
+        hits = (target >= z.amax(dim=-1)) & counted
         aux = {
             "loss": loss.detach(),
             "nll": nll.sum().detach() / denominator,
@@ -96,6 +94,26 @@ def cross_entropy(
             "count": count,
         }
     return loss, aux
+
+
+def _logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """``log sum_c exp z_c`` over the last dim. For a DTensor, as ``m + log sum exp(z - m)``
+    with ``m = max_c z_c``: a max and a sum, which DTensor runs on logits sharded over the
+    vocabulary (tensor parallel) with one all-reduce of a number per token each."""
+    if not isinstance(z, DTensor):
+        return torch.logsumexp(z, dim=-1)
+    m = z.detach().amax(dim=-1, keepdim=True)
+    return (m + (z - m).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
+
+
+def _target_logit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z[i, y_i]``. A gather, except on a DTensor: there the logit is picked by a comparison
+    with the class index and a sum over classes, which stays sharded over the vocabulary
+    (the vocab-parallel cross-entropy of Megatron-LM, written in DTensor's ops)."""
+    if not isinstance(z, DTensor):
+        return z.gather(-1, y[:, None]).squeeze(-1)
+    classes = torch.arange(z.shape[-1], device=y.device)
+    return torch.where(classes == y[:, None], z, 0.0).sum(dim=-1)
 
 
 def _ce_options(ignore_index: int, label_smoothing: float, z_loss: float) -> dict[str, Any]:

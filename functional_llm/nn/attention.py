@@ -143,7 +143,12 @@ class MultiHeadAttention(Layer):
             out, weights = _explicit_attention(q, k, v, mask, drop, key)
         else:
             out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
-        y = self._proj("o").apply(params["o"], out.transpose(-3, -2))
+        # A copy in (B, T, H, Dh) order: SDPA's output layout depends on the kernel it picks, and
+        # on a sharded DTensor the local shard's layout can differ from what the global strides
+        # claim, so the projection's reshape would take the view path and fail (seen with
+        # grouped-query attention after a step). One copy of the attention output per layer.
+        out = out.transpose(-3, -2).clone(memory_format=torch.contiguous_format)
+        y = self._proj("o").apply(params["o"], out)
         return (y, weights) if return_weights else y
 
 

@@ -37,7 +37,7 @@ from functional_llm.optim.base import GradientTransformation, apply_updates
 from functional_llm.optim.clipping import global_norm
 from functional_llm.train import TrainState
 
-__all__ = ["PipelineStep", "Stage", "StageModule", "gpt_stages", "SCHEDULES"]
+__all__ = ["SCHEDULES", "PipelineStep", "Stage", "StageModule", "gpt_stages"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 PyTree = Any
@@ -110,7 +110,9 @@ class StageModule(nn.Module):
     def load(self, params: PyTree) -> None:
         self._paths = list(tree.flatten(params))
         for i, x in enumerate(tree.leaves(params)):
-            self._parameters[f"p{i}"] = nn.Parameter(x.detach(), requires_grad=x.is_floating_point())
+            self._parameters[f"p{i}"] = nn.Parameter(
+                x.detach(), requires_grad=x.is_floating_point()
+            )
 
     def grads(self) -> PyTree:
         """The gradients of the loaded params (zeros where none flowed)."""
@@ -120,7 +122,9 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leaves = [self._parameters[f"p{i}"] for i in range(len(self._paths))]
-        return self._apply_fn(tree.unflatten(dict(zip(self._paths, leaves, strict=True)), self._like), x)
+        return self._apply_fn(
+            tree.unflatten(dict(zip(self._paths, leaves, strict=True)), self._like), x
+        )
 
 
 class PipelineStep:
@@ -142,11 +146,17 @@ class PipelineStep:
     ) -> None:
         names = mesh.mesh_dim_names or ()
         if "pp" not in names or set(names) - {"pp", "dp"}:
-            raise ValueError(f"PipelineStep: the mesh needs a 'pp' axis (and optionally 'dp'), got {names}")
+            raise ValueError(
+                f"PipelineStep: the mesh needs a 'pp' axis (and optionally 'dp'), got {names}"
+            )
         if mesh["pp"].size() != len(stages):
-            raise ValueError(f"PipelineStep: {len(stages)} stages for a pp axis of {mesh['pp'].size()}")
+            raise ValueError(
+                f"PipelineStep: {len(stages)} stages for a pp axis of {mesh['pp'].size()}"
+            )
         if schedule.lower() not in SCHEDULES:
-            raise ValueError(f"PipelineStep: schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+            raise ValueError(
+                f"PipelineStep: schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}"
+            )
         self.mesh, self.optimizer, self.clip_norm = mesh, optimizer, clip_norm
         self.pp_mesh = mesh["pp"]
         self.dp_mesh = mesh["dp"] if "dp" in names else None
@@ -183,9 +193,13 @@ class PipelineStep:
 
     def _reduce(self, x: torch.Tensor, mesh: DeviceMesh, op: str) -> torch.Tensor:
         """``x`` summed (or averaged) over ``mesh``, by DTensor (a Partial made Replicate)."""
-        return DTensor.from_local(x, mesh, [Partial(op)]).redistribute(mesh, [Replicate()]).to_local()
+        return (
+            DTensor.from_local(x, mesh, [Partial(op)]).redistribute(mesh, [Replicate()]).to_local()
+        )
 
-    def __call__(self, state: TrainState, batch: dict[str, torch.Tensor]) -> tuple[TrainState, dict]:
+    def __call__(
+        self, state: TrainState, batch: dict[str, torch.Tensor]
+    ) -> tuple[TrainState, dict]:
         tokens = batch["tokens"]
         if self.dp_mesh is not None:  # this replica's share of the batch
             tokens = tokens.chunk(self.dp_mesh.size())[self.dp_mesh.get_local_rank()]

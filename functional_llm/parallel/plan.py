@@ -30,7 +30,6 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.distributed.tensor.parallel import loss_parallel
 
 from functional_llm import tree
 from functional_llm.parallel import ops as _ops  # noqa: F401  (registers CPU attention sharding)
@@ -89,7 +88,9 @@ class Plan:
 
     def compute_placements(self, params: PyTree) -> dict[str, tuple[Placement, ...]]:
         """``{path: placements}`` as params are used in the step (the activation ``rules``)."""
-        return {p: self._placements(p, x, self.rules.rules) for p, x in tree.flatten(params).items()}
+        return {
+            p: self._placements(p, x, self.rules.rules) for p, x in tree.flatten(params).items()
+        }
 
     @property
     def fsdp(self) -> bool:
@@ -171,17 +172,11 @@ class Plan:
 
         return gathered
 
-    def _contexts(self) -> Any:
-        """DTensor modes the step runs under: plain tensors made inside the model (positions,
-        masks, dropout masks from a key) count as replicated; with a sharded vocabulary the
-        cross-entropy runs vocab-parallel (``loss_parallel``)."""
-        from contextlib import ExitStack
-
-        stack = ExitStack()
-        stack.enter_context(implicit_replication())
-        if self.rules.rules.get("vocab") is not None:
-            stack.enter_context(loss_parallel())
-        return stack
+    @staticmethod
+    def _contexts() -> Any:
+        """The DTensor mode the step runs under: plain tensors made inside the model
+        (positions, causal masks, dropout masks from a key) count as replicated."""
+        return implicit_replication()
 
     def step(self, step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
         """A train step ``(state, batch) -> (state, metrics)`` run sharded: the state stays
@@ -219,9 +214,13 @@ class Plan:
                 "" if compute[path] == stored[path] else _fmt(compute[path], sizes), str(shape),
             ))  # fmt: skip
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         total = sum(x.numel() * x.element_size() for x in tree.leaves(params))
-        lines.append(f"mesh {sizes}: {per_rank / 2**20:.2f} MiB of {total / 2**20:.2f} MiB per rank")
+        lines.append(
+            f"mesh {sizes}: {per_rank / 2**20:.2f} MiB of {total / 2**20:.2f} MiB per rank"
+        )
         return "\n".join(lines)
 
 
@@ -245,6 +244,6 @@ def _local_shape(shape: torch.Size, where: tuple[Placement, ...], sizes: list[in
 def _fmt(where: tuple[Placement, ...], sizes: Mapping[str, int]) -> str:
     """``dp:S(0) tp:R`` style."""
     return " ".join(
-        f"{name}:{'S(%d)' % p.dim if isinstance(p, Shard) else 'R'}"
+        f"{name}:{f'S({p.dim})' if isinstance(p, Shard) else 'R'}"
         for name, p in zip(sizes, where, strict=True)
     )

@@ -51,8 +51,10 @@ class Rules:
         for where in ("rules", "params"):
             table = getattr(self, where)
             for logical, mesh_axes in table.items():
-                ok = mesh_axes is None or isinstance(mesh_axes, str) or (
-                    isinstance(mesh_axes, tuple) and all(isinstance(m, str) for m in mesh_axes)
+                ok = (
+                    mesh_axes is None
+                    or isinstance(mesh_axes, str)
+                    or (isinstance(mesh_axes, tuple) and all(isinstance(m, str) for m in mesh_axes))
                 )
                 if not isinstance(logical, str) or not ok:
                     raise TypeError(
@@ -70,7 +72,9 @@ class Rules:
 
     def mesh_axes(self) -> set[str]:
         """Every mesh axis named by a rule."""
-        return {m for table in (self.rules, self.params) for v in table.values() for m in _as_tuple(v)}
+        return {
+            m for table in (self.rules, self.params) for v in table.values() for m in _as_tuple(v)
+        }
 
     def check_mesh(self, mesh: MeshShape) -> None:
         """Every mesh axis the rules name exists in ``mesh``."""
