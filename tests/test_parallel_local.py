@@ -178,3 +178,21 @@ def test_plan_places_params_and_optimizer_state_alike():
         table = plan.table(params)
         assert "blocks.0.attn.o.w" in table and "dp:S(2) tp:S(0)" in table
         assert "dp:R tp:S(0)" in table  # o.w as used in the step: gathered over dp
+
+
+def test_plan_rejects_bad_rules_naming_param_and_axis():
+    model = gpt()
+    with local_world(2):
+        mesh = parallel.make_mesh({"tp": 2})
+        with pytest.raises(ValueError, match=r"'mlps', which no parameter has"):
+            parallel.Plan(mesh, parallel.Rules({"mlps": "tp"}), model.axes())
+        with pytest.raises(ValueError, match="mesh axis 'dp', but the mesh has axes \\('tp',\\)"):
+            parallel.Plan(mesh, parallel.Rules({"batch": "dp"}), model.axes())
+        odd = models.GPT(
+            models.GPTConfig(vocab_size=33, max_seq_len=16, d_model=16, n_layers=1, n_heads=4)
+        )
+        plan = parallel.Plan(mesh, parallel.Rules({"vocab": "tp"}), odd.axes())
+        with pytest.raises(ValueError, match=r"embed\.table: dim 0 \('vocab'\) has size 33"):
+            plan.shard(odd.init(random.key(0)))
+        with pytest.raises(ValueError, match=r"make_mesh: axes \{'tp': 4\} hold 4 ranks"):
+            parallel.make_mesh({"tp": 4})

@@ -1,0 +1,166 @@
+"""Real processes: one spawned gloo group of 2 ranks for the class (see spmd.py) runs what
+needs real point-to-point and file I/O: pipeline schedules, the compiled sharded step, DCP
+checkpoints; and a dying rank must end in an error, not a hang."""
+
+import os
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import functional_llm as fl
+from functional_llm import losses, models, optim, parallel, random, train
+from functional_llm.parallel import checkpoint as dcp_checkpoint
+from functional_llm.parallel import pipeline
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo groups: Linux")
+
+TP = {"heads": "tp", "kv_heads": "tp", "mlp": "tp", "vocab": "tp"}
+
+
+def gpt():
+    cfg = models.GPTConfig(vocab_size=32, max_seq_len=16, d_model=16, n_layers=3, n_heads=4)
+    return models.GPT(cfg)
+
+
+def batch(i):
+    return {"tokens": random.randint(random.key(100 + i), (4, 9), 0, 32)}
+
+
+def numpy_tree(tree):
+    return {p: x.detach().numpy() for p, x in fl.tree.flatten(tree).items()}
+
+
+def single_process(model, opt, steps, clip_norm=None):
+    step = train.make_step(losses.next_token(model), opt, clip_norm=clip_norm)
+    state, out = train.init_state(model.init(random.key(0)), opt, random.key(1)), []
+    for i in range(steps):
+        state, m = step(state, batch(i))
+        out.append(float(m["loss"]))
+    return state, out
+
+
+# -- functions run on every rank ---------------------------------------------------------------
+def run_pipeline(schedule: str):
+    model, opt = gpt(), optim.adamw(1e-2, weight_decay=0.1)
+    mesh = parallel.make_mesh({"pp": 2})
+    step = pipeline.PipelineStep(
+        pipeline.gpt_stages(model, 2), mesh, opt, n_microbatches=2, schedule=schedule, clip_norm=1.0
+    )
+    state, out = step.init_state(model.init(random.key(0)), random.key(1)), []
+    for i in range(3):
+        state, m = step(state, batch(i))
+        out.append(float(m["loss"]))
+    return out, numpy_tree(state.params)
+
+
+def run_compiled(rules: dict, mesh_axis: str):
+    model, opt = gpt(), optim.adamw(1e-2)
+    plan = parallel.Plan(parallel.make_mesh({mesh_axis: 2}), parallel.Rules(rules), model.axes())
+    inner = train.make_step(plan.loss(losses.next_token(model)), opt)
+    out = {}
+    for name, fn in (("eager", inner), ("compiled", torch.compile(inner, fullgraph=False))):
+        step, losses_ = plan.step(fn), []
+        state = plan.shard(train.init_state(model.init(random.key(0)), opt, random.key(1)))
+        for i in range(2):
+            state, m = step(state, plan.shard_batch(batch(i)))
+            losses_.append(float(m["loss"]))
+        out[name] = (losses_, numpy_tree(plan.gather(state.params)))
+    return out
+
+
+def run_save_tp(path: str):
+    model, opt = gpt(), optim.adamw(1e-2)
+    plan = parallel.Plan(parallel.make_mesh({"tp": 2}), parallel.Rules(TP), model.axes())
+    step = plan.step(train.make_step(losses.next_token(model), opt))
+    state = plan.shard(train.init_state(model.init(random.key(0)), opt, random.key(1)))
+    state, _ = step(state, plan.shard_batch(batch(0)))
+    dcp_checkpoint.save(path, state)
+    state, m = step(state, plan.shard_batch(batch(1)))
+    return float(m["loss"])
+
+
+class TestTwoRanks:
+    @classmethod
+    def setup_class(cls):
+        from spmd import Group
+
+        cls.group = Group(2)
+
+    @classmethod
+    def teardown_class(cls):
+        cls.group.close()
+
+    @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+    def test_pipeline_matches_one_process(self, schedule):
+        model = gpt()
+        want_state, want = single_process(model, optim.adamw(1e-2, weight_decay=0.1), 3, 1.0)
+        stages = pipeline.gpt_stages(model, 2)
+        for rank, (got, params) in enumerate(self.group.run(run_pipeline, schedule)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            for path, w in fl.tree.flatten(stages[rank].select(want_state.params)).items():
+                np.testing.assert_allclose(
+                    params[path], w.numpy(), rtol=1e-4, atol=2e-5, err_msg=path
+                )
+
+    @pytest.mark.parametrize("layout", ["dp", "tp"])
+    def test_compiled_sharded_step_matches_eager(self, layout):
+        rules = {"batch": "dp"} if layout == "dp" else TP
+        for result in self.group.run(run_compiled, rules, layout):
+            (eager, eager_params), (compiled, compiled_params) = result["eager"], result["compiled"]
+            np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+            for path, x in eager_params.items():
+                np.testing.assert_allclose(
+                    compiled_params[path], x, rtol=1e-4, atol=2e-5, err_msg=path
+                )
+
+    def test_tp_checkpoint_loads_in_one_process_and_continues(self, tmp_path):
+        path = str(tmp_path / "ckpt")
+        sharded_next = self.group.run(run_save_tp, path)
+        model, opt = gpt(), optim.adamw(1e-2)
+        like = train.init_state(model.init(random.key(5)), opt, random.key(6))  # other values
+        state = dcp_checkpoint.load(path, like)
+        assert int(state.step) == 1
+        _, m = train.make_step(losses.next_token(model), opt)(state, batch(1))
+        for loss in sharded_next:
+            assert abs(float(m["loss"]) - loss) < 1e-5
+        assert not (tmp_path / "ckpt.partial").exists()
+
+
+# -- a rank that dies ----------------------------------------------------------------------------
+def die_or_wait(rank: int, store: str, results) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=5)
+    )
+    if rank == 1:
+        os._exit(0)  # dies before the collective
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(3))
+        results.put(("finished", time.monotonic() - start, ""))
+    except Exception as e:
+        results.put(("raised", time.monotonic() - start, f"{type(e).__name__}: {e}"))
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+def test_a_dead_rank_is_an_error_within_the_timeout(tmp_path):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=die_or_wait, args=(r, str(tmp_path / "store"), results)) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    outcome, waited, message = results.get(timeout=60)
+    for p in procs:
+        p.join(timeout=30)
+    assert outcome == "raised", "a collective with a dead peer must fail"
+    assert waited < 30, f"it took {waited:.0f} s"
+    assert message
