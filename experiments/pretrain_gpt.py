@@ -4,6 +4,14 @@
     python experiments/pretrain_gpt.py --data input.txt         # any text file, char-level
     python experiments/pretrain_gpt.py --resume                 # continue from out_dir's latest
     python experiments/pretrain_gpt.py --compile                # the same run, one compiled step
+    torchrun --nproc-per-node 2 experiments/pretrain_gpt.py --mesh dp=2           # data parallel
+    torchrun --nproc-per-node 4 experiments/pretrain_gpt.py --mesh dp=2,tp=2 --fsdp
+
+Under torchrun, ``--mesh`` names the device mesh and ``--rules`` maps logical axes to its axes
+(by default ``batch`` to ``dp``, and ``heads``, ``kv_heads``, ``mlp``, ``vocab`` to ``tp``, for
+the axes the mesh has); ``--fsdp`` stores params sharded over ``dp`` (``--param-rules
+embed=dp``). Every rank draws the same batches and keeps its shard; the run is otherwise
+unchanged (rank 0 logs, plots, samples and writes gathered checkpoints).
 
 With no arguments it trains on a corpus every machine has: the ``.py`` files of the running
 Python's standard library (tests excluded; every k-th file in sorted order, k chosen to keep
@@ -79,6 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--remat", action="store_true", help="recompute block activations in the backward pass")
     a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
     a("--threads", type=int, default=None, help="torch intra-op threads")
+    a("--mesh", default=None, help="under torchrun: mesh axes, e.g. dp=2 or dp=2,tp=2")
+    a("--rules", default=None, help="logical=mesh axis pairs, e.g. batch=dp,heads=tp,mlp=tp")
+    a("--param-rules", default="", help="rules for stored params only, e.g. embed=dp (FSDP)")
+    a("--fsdp", action="store_true", help="shorthand for --param-rules embed=dp")
     a("--sample-chars", type=int, default=300)
     a("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -86,7 +98,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup_iters = min(args.warmup_iters, args.lr_decay_iters)
     if args.donate and args.compile:
         p.error("--donate is for eager steps; a compiled step returns fresh buffers")
+    if args.mesh and args.donate:
+        p.error("--donate runs on plain tensors; a sharded step does not donate")
     return args
+
+
+def _pairs(text: str | None) -> dict[str, str]:
+    """``"a=b,c=d"`` to ``{"a": "b", "c": "d"}`` (``none`` maps to None)."""
+    pairs = [item.split("=", 1) for item in (text or "").split(",") if item]
+    return {k.strip(): (None if v.strip() == "none" else v.strip()) for k, v in pairs}
+
+
+def sharding(args: argparse.Namespace, model: Any) -> fl.parallel.Plan | None:
+    """The plan for ``--mesh`` (None without one): the mesh, and the rules given or implied."""
+    if not args.mesh:
+        return None
+    shape = {k: int(v) for k, v in _pairs(args.mesh).items()}
+    rules = _pairs(args.rules) if args.rules else {
+        **({"batch": "dp"} if "dp" in shape else {}),
+        **({a: "tp" for a in ("heads", "kv_heads", "mlp", "vocab")} if "tp" in shape else {}),
+    }  # fmt: skip
+    params = {**_pairs(args.param_rules), **({"embed": "dp"} if args.fsdp else {})}
+    mesh = fl.parallel.make_mesh(shape)
+    return fl.parallel.Plan(mesh, fl.parallel.Rules(rules, params), model.axes())
 
 
 def stdlib_corpus(max_mb: float) -> str:
@@ -191,16 +225,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     cfg = model_config(args, tok.vocab_size)
     model = fl.models.GPT(cfg)
+    plan = sharding(args, model)
     opt, schedule = optimizer(args)
     precision = train.Precision("float32", "bfloat16") if args.bf16 else None
+    loss_fn = plan.loss(losses.next_token(model)) if plan else losses.next_token(model)
     step = train.make_step(
-        losses.next_token(model), opt, accumulate=args.accumulate, precision=precision,
+        loss_fn, opt, accumulate=args.accumulate, precision=precision,
         clip_norm=args.grad_clip or None, learning_rate=schedule, donate=args.donate,
     )  # fmt: skip
-    eval_step = train.make_eval_step(losses.next_token(model), precision)
+    eval_step = train.make_eval_step(loss_fn, precision)
     if args.compile:
-        step = torch.compile(step, fullgraph=True)
-        eval_step = torch.compile(eval_step, fullgraph=True)
+        step = torch.compile(step, fullgraph=plan is None)
+        eval_step = torch.compile(eval_step, fullgraph=plan is None)
 
     k_init, k_train, k_data, k_eval, k_sample = random.split(random.key(args.seed), 5)
     state = train.init_state(model.init(k_init), opt, k_train)
@@ -209,30 +245,48 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.resume and ckpts.latest() is not None:
         state = ckpts.load(like={"state": state})["state"]
         log_mode = "a"
+    if plan is not None:  # every rank holds the same state and batches; each keeps its shard
+        state = plan.shard(state)
+        step = _on_shards(plan, plan.step(step))
+    rank0 = plan is None or torch.distributed.get_rank() == 0
     start = int(state.step)
     n_tokens, n_params = len(train_ids) + len(val_ids), fl.tree.size(state.params)
-    print(f"{source}: {n_tokens:,} tokens, vocab {tok.vocab_size}; {n_params:,} parameters; "
+    say = print if rank0 else lambda *a, **k: None
+    say(f"{source}: {n_tokens:,} tokens, vocab {tok.vocab_size}; {n_params:,} parameters; "
           f"steps {start}..{args.max_iters}")  # fmt: skip
 
     meta = {"config": checkpoint.config_to_dict(cfg), "args": vars(args), "source": source}
     records: list[dict] = []
-    log = (out / "metrics.jsonl").open(log_mode)
+    log = (out / "metrics.jsonl").open(log_mode) if rank0 else None
 
     def record(entry: dict) -> None:
         records.append(entry)
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+
+    def full_params() -> Any:
+        """Plain params (gathered on every rank: evaluation and sampling run unsharded)."""
+        return plan.gather(state.params) if plan else state.params
+
+    def save(at: int) -> None:
+        full = plan.gather(state) if plan else state  # a collective: every rank gathers
+        if rank0:
+            ckpts.save(at, {"state": full}, meta)
 
     def evaluation(at: int) -> dict:
         key = random.fold_in(k_eval, at)
         entry = {"step": at}
         for i, (name, tokens) in enumerate((("train_loss", train_ids), ("val_loss", val_ids))):
-            entry[name] = estimate(eval_step, state.params, tokens, args, random.fold_in(key, i))
+            entry[name] = estimate(eval_step, full_params(), tokens, args, random.fold_in(key, i))
         record(entry)
         return entry
 
     train_started = time.perf_counter()
-    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, mininterval=1)
+    bar = tqdm(
+        range(start, args.max_iters), initial=start, total=args.max_iters, mininterval=1,
+        disable=not rank0,
+    )  # fmt: skip
     for it in bar:
         if it % args.eval_interval == 0:
             e = evaluation(it)
@@ -245,21 +299,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if (it + 1) % args.log_interval == 0:
             record({"step": it + 1, **{k: float(v) for k, v in metrics.items()}})
         if (it + 1) % args.ckpt_interval == 0:
-            ckpts.save(it + 1, {"state": state}, meta)
+            save(it + 1)
     train_seconds = time.perf_counter() - train_started
 
     final = evaluation(args.max_iters)
     full_val = train.evaluate(
-        eval_step, state.params, data.eval_windows(val_ids, 64, args.block_size)
+        eval_step, full_params(), data.eval_windows(val_ids, 64, args.block_size)
     )["loss"]
     record({"step": args.max_iters, "full_val_loss": full_val})
-    ckpts.save(args.max_iters, {"state": state}, meta)
+    save(args.max_iters)
+    params = full_params()
+    if not rank0:
+        return {"val_loss": final["val_loss"], "full_val_loss": full_val}
     log.close()
     if not args.no_plot:
         plot(records, out / "loss.png")
     prompt = val_ids[: args.block_size // 2][None]
     generated = fl.generate.sample(
-        model, state.params, prompt, args.sample_chars, k_sample, temperature=0.8, top_k=20
+        model, params, prompt, args.sample_chars, k_sample, temperature=0.8, top_k=20
     )
     sample_text = tok.decode(generated[0])
     (out / "samples.txt").write_text(sample_text, encoding="utf-8")
@@ -272,6 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "val_loss": final["val_loss"], "full_val_loss": full_val, "wall_s": total,
         "train_s": train_seconds,
     }  # fmt: skip
+
+
+def _on_shards(plan: fl.parallel.Plan, fn: Any) -> Any:
+    """``fn(x, batch)`` with the full batch sharded first (each rank keeps its part)."""
+    return lambda x, batch: fn(x, plan.shard_batch(batch))
 
 
 if __name__ == "__main__":

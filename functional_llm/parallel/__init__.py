@@ -9,6 +9,7 @@
 * :mod:`~functional_llm.parallel.checkpoint`: sharded checkpoints with DCP, resharded on load.
 """
 
+from functional_llm.parallel import checkpoint, pipeline
 from functional_llm.parallel.mesh import init_distributed, make_mesh, mesh_shape
 from functional_llm.parallel.plan import ACTIVATION_AXES, Plan, local
 from functional_llm.parallel.rules import Rules, placements
@@ -17,9 +18,11 @@ __all__ = [
     "ACTIVATION_AXES",
     "Plan",
     "Rules",
+    "checkpoint",
     "init_distributed",
     "local",
     "make_mesh",
     "mesh_shape",
+    "pipeline",
     "placements",
 ]

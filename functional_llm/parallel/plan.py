@@ -145,13 +145,11 @@ class Plan:
         """Every entry sharded on its leading (batch) dim by the ``batch`` rule (replicated
         when there is none), split locally: each rank holds the full batch. The batch size
         must divide."""
-        rule = self.rules.rules.get("batch")
+        rule, shape = self.rules.rules.get("batch"), mesh_shape(self.mesh)
         out = {}
         for name, x in batch.items():
-            where = placements(
-                f"batch[{name!r}]", x.shape, ("batch",) + (None,) * (x.ndim - 1),
-                mesh_shape(self.mesh), {"batch": rule},
-            )  # fmt: skip
+            axes = ("batch",) + (None,) * (x.ndim - 1)
+            where = placements(f"batch[{name!r}]", x.shape, axes, shape, {"batch": rule})
             out[name] = self._distribute(x, where)
         return out
 
