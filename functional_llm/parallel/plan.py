@@ -92,12 +92,6 @@ class Plan:
             p: self._placements(p, x, self.rules.rules) for p, x in tree.flatten(params).items()
         }
 
-    @property
-    def fsdp(self) -> bool:
-        """Whether stored params differ from compute params (gathered in the step)."""
-        return any(self.rules.params.get(a, None) != self.rules.rules.get(a, None)
-                   for a in self.rules.params)  # fmt: skip
-
     # -- pytrees -------------------------------------------------------------------------------
     def shard(self, state: PyTree, params_at: str | None = None) -> PyTree:
         """Any pytree holding the params (params alone, a ``TrainState``, optimizer state) as
@@ -155,20 +149,25 @@ class Plan:
 
     # -- steps ---------------------------------------------------------------------------------
     def loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``loss_fn`` with params redistributed to their compute placements first (FSDP's
-        all-gather; its gradient is a reduce-scatter back to the stored placements)."""
-        if not self.fsdp:
-            return loss_fn
+        """``loss_fn`` with each param brought to its compute placements on the way in, so
+        that its gradient comes back in the stored placements, reduced once in the backward
+        pass: FSDP's all-gather (gradient: a reduce-scatter), or for a param stored as used an
+        identity whose gradient is made the param's placements (a replicated param's partial
+        gradients all-reduced over ``dp`` once, not again at every later use)."""
 
-        def gathered(params: PyTree, *args: Any, **kwargs: Any) -> Any:
+        names = list(mesh_shape(self.mesh))
+        batch_dims = {names.index(m) for m in _mesh_axes(self.rules.rules.get("batch"))}
+        if not batch_dims and not self.rules.params:
+            return loss_fn  # every param used as stored, no partial gradients to settle
+
+        def placed(params: PyTree, *args: Any, **kwargs: Any) -> Any:
             where = self.compute_placements(params)
             flat = {
-                p: x.redistribute(self.mesh, where[p]) if isinstance(x, DTensor) else x
-                for p, x in tree.flatten(params).items()
+                p: _to(x, self.mesh, where[p], batch_dims) for p, x in tree.flatten(params).items()
             }
             return loss_fn(tree.unflatten(flat, params), *args, **kwargs)
 
-        return gathered
+        return placed
 
     @staticmethod
     def _contexts() -> Any:
@@ -220,6 +219,27 @@ class Plan:
             f"mesh {sizes}: {per_rank / 2**20:.2f} MiB of {total / 2**20:.2f} MiB per rank"
         )
         return "\n".join(lines)
+
+
+def _mesh_axes(value: Any) -> tuple[str, ...]:
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
+def _to(x: Any, mesh: DeviceMesh, where: tuple[Placement, ...], batch_dims: set[int]) -> Any:
+    """``x`` in placements ``where``; its gradient in ``x``'s own placements. The identity
+    case matters where ``x`` is replicated over a mesh dim that shards the batch: there its
+    gradient is partial, and made replicated here it is all-reduced once. (Elsewhere it is
+    left out: a compiled tensor-parallel step with it diverged from eager in our tests.)"""
+    if not isinstance(x, DTensor):
+        return x
+    if tuple(x.placements) != tuple(where):
+        return x.redistribute(mesh, where)
+    if not any(isinstance(x.placements[d], Replicate) for d in batch_dims):
+        return x
+    return DTensor.from_local(
+        x.to_local(grad_placements=x.placements), mesh, where, run_check=False,
+        shape=x.shape, stride=x.stride(),
+    )  # fmt: skip
 
 
 def _param_of(path: str, params: Mapping[str, Any]) -> str | None:
