@@ -6,10 +6,11 @@
     torchrun --nproc-per-node 2 benchmarks/parallel_step.py --mesh dp=2 --fsdp
 
 The model is nanoGPT's CPU config (4 layers, d 128, 4 heads, block 64, batch 12, vocab 65),
-AdamW. It prints the median step time over ``--steps`` (after ``--warmup``) and, from one step
-watched by a dispatch mode, every collective DTensor issued with the bytes each rank sends
-into it (its input's size, counted where DTensor calls the functional collectives). Each process runs ``--threads`` threads; on a 2-core machine,
-compare 2 processes x 1 thread with 1 process at 1 and at 2 threads.
+AdamW. It prints the median step time over ``--steps`` (after ``--warmup``) and, for one
+more step, every collective DTensor issued with the bytes each rank sends into it (its
+input's size, counted where DTensor calls the functional collectives). Each process runs
+``--threads`` threads; on a 2-core machine compare 2 processes x 1 thread with 1 process at
+1 and at 2 threads.
 """
 
 from __future__ import annotations
@@ -96,14 +97,17 @@ def main() -> None:
         step(state, batches[0])
     if rank == 0:
         print(
-            f"{label}, {args.threads} thread(s)/process: median step {statistics.median(times) * 1e3:.1f} ms "
-            f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); params {fl.tree.size(state.params):,}"
+            f"{label}, {args.threads} thread(s)/process: "
+            f"median step {statistics.median(times) * 1e3:.1f} ms "
+            f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); "
+            f"params {fl.tree.size(state.params):,}"
         )
         total = sum(counter.bytes.values())
         for name in COLLECTIVES:
             if counter.calls[name]:
                 print(
-                    f"  {name}: {counter.calls[name]} calls, {counter.bytes[name] / 2**20:.3f} MiB in"
+                    f"  {name}: {counter.calls[name]} calls, "
+                    f"{counter.bytes[name] / 2**20:.3f} MiB in"
                 )
         print(f"  total per step per rank: {total / 2**20:.3f} MiB into collectives")
     if args.mesh:
