@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import optree
 import torch
+from torch._functorch import config as functorch_config
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
@@ -171,9 +173,16 @@ class Plan:
 
     @staticmethod
     def _contexts() -> Any:
-        """The DTensor mode the step runs under: plain tensors made inside the model
-        (positions, causal masks, dropout masks from a key) count as replicated."""
-        return implicit_replication()
+        """What the step runs under. ``implicit_replication``: plain tensors made inside the
+        model (positions, causal masks, dropout masks from a key) count as replicated. And no
+        AOTAutograd cache: in torch 2.13 a compiled tensor-parallel step loaded from a warm
+        cache computed other losses than the same step compiled fresh (3.4725 against eager's
+        3.4774 on its first step; tests/test_parallel_spawned.py compiles twice to check);
+        the FX graph cache stays on."""
+        stack = ExitStack()
+        stack.enter_context(implicit_replication())
+        stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        return stack
 
     def step(self, step: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
         """A train step ``(state, batch) -> (state, metrics)`` run sharded: the state stays
