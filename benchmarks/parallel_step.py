@@ -27,7 +27,7 @@ import torch.distributed._functional_collectives as funcol
 import functional_llm as fl
 from functional_llm import losses, models, optim, parallel, random, train
 
-COLLECTIVES = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single")
+COLLECTIVES = ("all_reduce", "all_gather_single", "reduce_scatter_single", "all_to_all_single")
 
 
 class CommCounter:
