@@ -90,6 +90,20 @@ def run_save_tp(path: str):
     return float(m["loss"])
 
 
+def run_load_dp(path: str):
+    """The tp=2 checkpoint loaded into a dp=2 layout, then one more step."""
+    model, opt = gpt(), optim.adamw(1e-2)
+    plan = parallel.Plan(
+        parallel.make_mesh({"dp": 2}), parallel.Rules({"batch": "dp"}), model.axes()
+    )
+    like = plan.shard(train.init_state(model.init(random.key(5)), opt, random.key(6)))
+    state = dcp_checkpoint.load(path, like)
+    placements = {tuple(x.placements) for x in fl.tree.leaves(state.params)}
+    step = plan.step(train.make_step(plan.loss(losses.next_token(model)), opt))
+    _, m = step(state, plan.shard_batch(batch(1)))
+    return float(m["loss"]), [str(p) for p in placements]
+
+
 class TestTwoRanks:
     @classmethod
     def setup_class(cls):
@@ -137,6 +151,9 @@ class TestTwoRanks:
         for loss in sharded_next:
             assert abs(float(m["loss"]) - loss) < 1e-5
         assert not (tmp_path / "ckpt.partial").exists()
+        for loss, placements in self.group.run(run_load_dp, path):  # tp=2 -> dp=2
+            assert placements == ["(Replicate(),)"]
+            assert abs(loss - sharded_next[0]) < 1e-5
 
 
 # -- a rank that dies ----------------------------------------------------------------------------
