@@ -41,7 +41,7 @@ import torch
 
 from functional_llm import random
 from functional_llm.optim.base import GradientTransformation, PyTree, apply_updates, as_schedule
-from functional_llm.optim.clipping import global_norm
+from functional_llm.optim.clipping import clip_factor, global_norm
 from functional_llm.optim.donated import AdamWDonated
 
 __all__ = [
@@ -243,7 +243,7 @@ def make_step(
         )
         norm = global_norm(grads)
         if clip_norm is not None:
-            factor = (clip_norm / (norm + 1e-6)).clamp(max=1.0)
+            factor = clip_factor(norm, clip_norm)
             grads = optree.tree_map(lambda g: g * factor.to(g.dtype), grads)
         if isinstance(optimizer, AdamWDonated):
             params, opt_state = optimizer.step(state.params, grads, state.opt_state, donate=donate)

@@ -15,6 +15,7 @@ from functional_llm.optim.clipping import (
     apply_if_finite,
     clip,
     clip_by_global_norm,
+    clip_factor,
     global_norm,
     zero_nans,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "clip",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_factor",
     "constant",
     "cosine_decay",
     "global_norm",

@@ -23,6 +23,7 @@ __all__ = [
     "apply_if_finite",
     "clip",
     "clip_by_global_norm",
+    "clip_factor",
     "global_norm",
     "zero_nans",
 ]
@@ -34,6 +35,12 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     if not leaves:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves)))
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))``: what scales a gradient of global norm ``norm``
+    to at most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s rule)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -58,7 +65,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         g, spec = flat(updates)
         if not g:
             return updates, state
-        factor = (max_norm / (global_norm(updates) + 1e-6)).clamp(max=1.0)
+        factor = clip_factor(global_norm(updates), max_norm)
         return unflat(spec, torch._foreach_mul(g, factor.to(g[0].dtype))), state
 
     return GradientTransformation(lambda params: EmptyState(), update)

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from functional_llm import losses, tree
 from functional_llm.nn.positions import positions_like
 from functional_llm.optim.base import GradientTransformation, apply_updates
-from functional_llm.optim.clipping import global_norm
+from functional_llm.optim.clipping import clip_factor, global_norm
 from functional_llm.train import TrainState
 
 __all__ = ["SCHEDULES", "PipelineStep", "Stage", "StageModule", "gpt_stages"]
@@ -114,17 +114,21 @@ class StageModule(nn.Module):
                 x.detach(), requires_grad=x.is_floating_point()
             )
 
+    def _tree(self, leaves: list[torch.Tensor]) -> PyTree:
+        """``leaves`` (in the loaded params' order) as a pytree of the params' structure."""
+        return tree.unflatten(dict(zip(self._paths, leaves, strict=True)), self._like)
+
+    def _loaded(self) -> list[nn.Parameter]:
+        return [self._parameters[f"p{i}"] for i in range(len(self._paths))]
+
     def grads(self) -> PyTree:
         """The gradients of the loaded params (zeros where none flowed)."""
-        leaves = [self._parameters[f"p{i}"] for i in range(len(self._paths))]
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in leaves]
-        return tree.unflatten(dict(zip(self._paths, grads, strict=True)), self._like)
+        return self._tree(
+            [torch.zeros_like(p) if p.grad is None else p.grad for p in self._loaded()]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leaves = [self._parameters[f"p{i}"] for i in range(len(self._paths))]
-        return self._apply_fn(
-            tree.unflatten(dict(zip(self._paths, leaves, strict=True)), self._like), x
-        )
+        return self._apply_fn(self._tree(self._loaded()), x)
 
 
 class PipelineStep:
@@ -222,8 +226,8 @@ class PipelineStep:
             grads = tree.map(lambda g: self._reduce(g, self.dp_mesh, "avg"), grads)
         norm = self._global_norm(grads)
         if self.clip_norm is not None:
-            factor = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)
-            grads = tree.map(lambda g: g * factor, grads)
+            factor = clip_factor(norm, self.clip_norm)
+            grads = tree.map(lambda g: g * factor.to(g.dtype), grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
         loss = torch.stack(step_losses).mean() if step_losses else torch.zeros(())
