@@ -73,12 +73,9 @@ def main() -> None:
     label, rank = "1 process", 0
     if args.mesh:
         shape = {k: int(v) for k, v in (x.split("=") for x in args.mesh.split(","))}
-        rules = {"batch": "dp"} if "dp" in shape else {}
-        if "tp" in shape:
-            rules |= {a: "tp" for a in ("heads", "kv_heads", "mlp", "vocab")}
         plan = parallel.Plan(
             parallel.make_mesh(shape),
-            parallel.Rules(rules, {"embed": "dp"} if args.fsdp else {}),
+            parallel.Rules.for_mesh(shape, fsdp=args.fsdp),
             model.axes(),
         )
         inner = plan.step(train.make_step(plan.loss(losses.next_token(model)), opt, clip_norm=1.0))

@@ -114,11 +114,9 @@ def sharding(args: argparse.Namespace, model: Any) -> fl.parallel.Plan | None:
     if not args.mesh:
         return None
     shape = {k: int(v) for k, v in _pairs(args.mesh).items()}
-    rules = _pairs(args.rules) if args.rules else {
-        **({"batch": "dp"} if "dp" in shape else {}),
-        **({a: "tp" for a in ("heads", "kv_heads", "mlp", "vocab")} if "tp" in shape else {}),
-    }  # fmt: skip
-    params = {**_pairs(args.param_rules), **({"embed": "dp"} if args.fsdp else {})}
+    implied = fl.parallel.Rules.for_mesh(shape, fsdp=args.fsdp)
+    rules = _pairs(args.rules) if args.rules else implied.rules
+    params = {**_pairs(args.param_rules), **implied.params}
     mesh = fl.parallel.make_mesh(shape)
     return fl.parallel.Plan(mesh, fl.parallel.Rules(rules, params), model.axes())
 

@@ -85,3 +85,12 @@ def test_placements_shard_each_mesh_axis_once_and_evenly(dims, rules):
     for dim, a in enumerate(axes):  # every ruled axis is sharded
         if rules.get(a) is not None:
             assert dim in sharded
+
+
+def test_rules_for_a_mesh_are_megatron_and_optionally_fsdp():
+    rules = parallel.Rules.for_mesh({"dp": 2, "tp": 2}, fsdp=True)
+    tp = dict.fromkeys(("heads", "kv_heads", "mlp", "vocab"), "tp")
+    assert dict(rules.rules) == {"batch": "dp", **tp}
+    assert dict(rules.params) == {"embed": "dp"}
+    assert dict(parallel.Rules.for_mesh({"tp": 4}).rules) == tp
+    assert dict(parallel.Rules.for_mesh({"dp": 4}).params) == {}

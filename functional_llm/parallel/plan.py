@@ -13,9 +13,10 @@
 The step is the single-process step, unchanged: DTensor propagates the placements through
 every op and inserts the collectives (the gradient of a replicated parameter used on a
 batch-sharded input is reduced over ``dp``; a row-parallel matmul's partial sums are
-all-reduced over ``tp``). :meth:`Plan.loss` adds the one thing the step cannot know: params
-stored sharded for FSDP are gathered to their compute placements before use, and the
-gradient of that gather is a reduce-scatter (the SimpleFSDP recipe, arXiv 2411.00284).
+all-reduced over ``tp``). :meth:`Plan.loss` adds what the step cannot know: params stored
+sharded for FSDP are gathered to their compute placements before use, and the gradient of
+that gather is a reduce-scatter (the SimpleFSDP recipe, arXiv 2411.00284); a replicated
+param's gradient over a sharded batch is all-reduced once there, not at each later use.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 from functional_llm import tree
 from functional_llm.parallel import ops as _ops  # noqa: F401  (registers CPU attention sharding)
 from functional_llm.parallel.mesh import mesh_shape
-from functional_llm.parallel.rules import Rules, placements
+from functional_llm.parallel.rules import Rules, as_mesh_axes, placements
 
 __all__ = ["ACTIVATION_AXES", "Plan", "local"]
 
@@ -47,10 +48,6 @@ PyTree = Any
 def local(tree_: PyTree) -> PyTree:
     """Every DTensor leaf as a full plain tensor (``full_tensor()``), other leaves as they are."""
     return optree.tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree_)
-
-
-def _is_axes_leaf(x: Any) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ class Plan:
         }
 
     # -- pytrees -------------------------------------------------------------------------------
-    def shard(self, state: PyTree, params_at: str | None = None) -> PyTree:
+    def shard(self, state: PyTree) -> PyTree:
         """Any pytree holding the params (params alone, a ``TrainState``, optimizer state) as
         DTensors. A leaf whose path ends in a param's path and has its shape (``params.x``,
         ``opt_state.0.mu.x``) gets that param's placements; other floating tensors with dims
@@ -158,7 +155,7 @@ class Plan:
         gradients all-reduced over ``dp`` once, not again at every later use)."""
 
         names = list(mesh_shape(self.mesh))
-        batch_dims = {names.index(m) for m in _mesh_axes(self.rules.rules.get("batch"))}
+        batch_dims = {names.index(m) for m in as_mesh_axes(self.rules.rules.get("batch"))}
         if not batch_dims and not self.rules.params:
             return loss_fn  # every param used as stored, no partial gradients to settle
 
@@ -230,15 +227,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def _mesh_axes(value: Any) -> tuple[str, ...]:
-    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
-
-
 def _to(x: Any, mesh: DeviceMesh, where: tuple[Placement, ...], batch_dims: set[int]) -> Any:
     """``x`` in placements ``where``; its gradient in ``x``'s own placements. The identity
-    case matters where ``x`` is replicated over a mesh dim that shards the batch: there its
-    gradient is partial, and made replicated here it is all-reduced once. (Elsewhere it is
-    left out: a compiled tensor-parallel step with it diverged from eager in our tests.)"""
+    case matters only where ``x`` is replicated over a mesh dim that shards the batch: there
+    its gradient is partial, and made replicated here it is all-reduced once. Elsewhere the
+    gradient already has ``x``'s placements, and ``x`` passes through untouched."""
     if not isinstance(x, DTensor):
         return x
     if tuple(x.placements) != tuple(where):

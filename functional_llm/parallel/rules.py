@@ -35,7 +35,8 @@ MeshAxes = str | tuple[str, ...] | None
 MeshShape = Mapping[str, int]  # mesh axis name -> size, in mesh order
 
 
-def _as_tuple(value: MeshAxes) -> tuple[str, ...]:
+def as_mesh_axes(value: MeshAxes) -> tuple[str, ...]:
+    """A rule's value as a tuple of mesh axis names (None: none)."""
     return () if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
@@ -66,21 +67,25 @@ class Rules:
     def __hash__(self) -> int:
         return hash((tuple(self.rules.items()), tuple(self.params.items()), self.strict))
 
+    @classmethod
+    def for_mesh(cls, mesh: MeshShape, fsdp: bool = False) -> Rules:
+        """The usual rules for a mesh with ``dp`` and/or ``tp`` axes: ``batch`` over ``dp``;
+        ``heads``, ``kv_heads``, ``mlp`` and ``vocab`` over ``tp`` (Megatron); with ``fsdp``,
+        params stored with ``embed`` over ``dp``."""
+        rules: dict[str, MeshAxes] = {"batch": "dp"} if "dp" in mesh else {}
+        if "tp" in mesh:
+            rules |= dict.fromkeys(("heads", "kv_heads", "mlp", "vocab"), "tp")
+        return cls(rules, {"embed": "dp"} if fsdp else {})
+
     def for_params(self) -> dict[str, MeshAxes]:
         """The rules that place stored parameters: ``rules`` overridden by ``params``."""
         return {**self.rules, **self.params}
-
-    def mesh_axes(self) -> set[str]:
-        """Every mesh axis named by a rule."""
-        return {
-            m for table in (self.rules, self.params) for v in table.values() for m in _as_tuple(v)
-        }
 
     def check_mesh(self, mesh: MeshShape) -> None:
         """Every mesh axis the rules name exists in ``mesh``."""
         for where in ("rules", "params"):
             for logical, value in getattr(self, where).items():
-                for m in _as_tuple(value):
+                for m in as_mesh_axes(value):
                     if m not in mesh:
                         raise ValueError(
                             f"Rules.{where} maps {logical!r} to mesh axis {m!r}, but the mesh has "
@@ -117,7 +122,7 @@ def placements(
                     f"{sorted(rules)}"
                 )
             continue
-        mesh_axes = _as_tuple(rules[logical])
+        mesh_axes = as_mesh_axes(rules[logical])
         for m in mesh_axes:
             if m not in mesh:
                 raise ValueError(
