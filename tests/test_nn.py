@@ -1,5 +1,6 @@
 """Pure layers: reference parity, attention properties, keyed dropout, axes and shape checks."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -211,3 +212,15 @@ def test_layer_settings_are_validated():
         nn.MultiHeadAttention(8, 2).apply(
             nn.MultiHeadAttention(8, 2).init(random.key(0)), torch.ones(3, 8), mask=torch.ones(3, 3)
         )
+
+
+def test_shapes_are_fresh_values_that_callers_may_change():
+    layer = LAYERS["encoder_block"]
+    params = layer.init(random.key(0))
+    mine = layer.shapes()
+    del mine["attn_norm"]
+    mine["mlp"]["up"]["w"] = torch.empty(1, device="meta")
+    twin = dataclasses.replace(layer)  # equal, so it shares the cached description
+    assert twin == layer
+    twin.check(params)  # still the real shapes
+    assert set(twin.shapes()) == set(params)

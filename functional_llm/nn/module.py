@@ -41,8 +41,18 @@ def eval_shape(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
+def _shape_spec(layer: Any) -> tuple[optree.PyTreeSpec, tuple[tuple[torch.Size, torch.dtype], ...]]:
+    """The params' structure and each leaf's shape and dtype: immutable, so safe to cache."""
+    leaves, spec = optree.tree_flatten(eval_shape(layer.init, random.key(0)))
+    return spec, tuple((x.shape, x.dtype) for x in leaves)
+
+
 def _shapes(layer: Any) -> Params:
-    return eval_shape(layer.init, random.key(0))
+    """A fresh params tree of meta tensors: a caller may change it without affecting others."""
+    spec, leaves = _shape_spec(layer)
+    return optree.tree_unflatten(
+        spec, [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in leaves]
+    )
 
 
 def check_tree(params: Params, expected: Params, name: str = "params") -> None:
@@ -89,7 +99,8 @@ class Layer:
     """Base for layers (frozen dataclasses defining ``init``, ``apply`` and ``axes``)."""
 
     def shapes(self) -> Params:
-        """The params tree as meta tensors (shapes and dtypes only), cached per config."""
+        """The params tree as meta tensors (shapes and dtypes only); a fresh tree each call, built
+        from a description cached per config."""
         return _shapes(self)
 
     def check(self, params: Params, name: str = "params") -> None:
@@ -98,5 +109,11 @@ class Layer:
         Skipped while ``torch.compile`` traces (its meta-device evaluation cannot be traced);
         run the function once eagerly, or call ``check`` yourself, for the readable error.
         """
-        if not torch.compiler.is_compiling():
-            check_tree(params, _shapes(self), name)
+        if torch.compiler.is_compiling():
+            return
+        want_spec, want = _shape_spec(self)
+        leaves, spec = optree.tree_flatten(params)
+        if spec != want_spec or any(
+            x.shape != shape for x, (shape, _) in zip(leaves, want, strict=True)
+        ):
+            check_tree(params, _shapes(self), name)  # raises, naming each path

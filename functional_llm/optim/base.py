@@ -96,19 +96,31 @@ def first_device(tree: PyTree) -> torch.device | None:
     return leaves[0].device if leaves else None
 
 
-def per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
-    """The mask (or labels) for a params tree, computed once per tree structure.
+def _signature(params: PyTree) -> tuple:
+    """Everything a mask function can read of a tree without reading values: its paths, and
+    each leaf's type, shape and dtype (what an Optax mask sees under ``jit``)."""
+    described = tuple(
+        (type(x), tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else (type(x), x)
+        for x in optree.tree_leaves(params)
+    )
+    return tuple(tree.paths(params)), described
 
-    Masks depend on paths only, so the result is memoised by the tuple of paths: ``init``
+
+def per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
+    """The mask (or labels) of a params tree: ``mask_or_fn(params)`` when it is a function.
+
+    The result is memoised, keyed on everything such a function may read (paths, and each
+    leaf's type, shape and dtype, but not values), so the memo never changes a result:
+    the same function on another tree, even one with the same paths, is called afresh. ``init``
     (run eagerly) fills the memo, and a ``torch.compile``d ``update`` then reads a constant
     instead of tracing the user's path-matching code.
     """
     if not callable(mask_or_fn):
         return lambda params: mask_or_fn
-    memo: dict[tuple[str, ...], PyTree] = {}
+    memo: dict[tuple, PyTree] = {}
 
     def resolve(params: PyTree) -> PyTree:
-        key = tuple(tree.paths(params))
+        key = _signature(params)
         if key not in memo:
             memo[key] = mask_or_fn(params)
         return memo[key]
