@@ -28,7 +28,6 @@ CASES = [
 
 def build(method: str, compiled: bool, remat: bool):
     """The case's gradient function and its arguments."""
-    import torch
     import torch.nn.functional as F
 
     import functional_llm as fl
@@ -46,7 +45,7 @@ def build(method: str, compiled: bool, remat: bool):
 
     grad = fl.train.value_and_grad(loss, method)
     if compiled:
-        grad = torch.compile(grad, fullgraph=True)
+        grad = fl.train.compile(grad)
     for _ in range(2):  # warm up (and compile)
         grad(params, tokens)
     return lambda: grad(params, tokens)

@@ -101,7 +101,7 @@ class Ours:
             else optim.adamw(args.lr, weight_decay=0.1)
         )
         step = train.make_step(losses.next_token(model), opt, clip_norm=1.0, donate=donate)
-        self.step = torch.compile(step, fullgraph=True) if compiled else step
+        self.step = train.compile(step) if compiled else step
         self.state = train.init_state(optree.tree_map(torch.clone, params), opt, random.key(1))
 
     def run(self, batch: dict) -> None:

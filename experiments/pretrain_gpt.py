@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )  # fmt: skip
     eval_step = train.make_eval_step(loss_fn, precision)
     if args.compile:
-        step = torch.compile(step, fullgraph=plan is None)
-        eval_step = torch.compile(eval_step, fullgraph=plan is None)
+        step = train.compile(step, fullgraph=plan is None)
+        eval_step = train.compile(eval_step, fullgraph=plan is None)
 
     k_init, k_train, k_data, k_eval, k_sample = random.split(random.key(args.seed), 5)
     state = train.init_state(model.init(k_init), opt, k_train)

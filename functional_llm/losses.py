@@ -20,11 +20,11 @@ returns ``loss_fn(params, batch, key) -> (scalar, aux)``, the signature
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 __all__ = [
     "IGNORE",
@@ -96,11 +96,18 @@ def cross_entropy(
     return loss, aux
 
 
+def _is_dtensor(x: torch.Tensor) -> bool:
+    """``isinstance(x, DTensor)`` without importing DTensor (a large import): no DTensor exists
+    before its module has been loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
 def _logsumexp(z: torch.Tensor) -> torch.Tensor:
     """``log sum_c exp z_c`` over the last dim. For a DTensor, as ``m + log sum exp(z - m)``
     with ``m = max_c z_c``: a max and a sum, which DTensor runs on logits sharded over the
     vocabulary (tensor parallel) with one all-reduce of a number per token each."""
-    if not isinstance(z, DTensor):
+    if not _is_dtensor(z):
         return torch.logsumexp(z, dim=-1)
     m = z.detach().amax(dim=-1, keepdim=True)
     return (m + (z - m).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
@@ -110,7 +117,7 @@ def _target_logit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``z[i, y_i]``. A gather, except on a DTensor: there the logit is picked by a comparison
     with the class index and a sum over classes, which stays sharded over the vocabulary
     (the vocab-parallel cross-entropy of Megatron-LM, written in DTensor's ops)."""
-    if not isinstance(z, DTensor):
+    if not _is_dtensor(z):
         return z.gather(-1, y[:, None]).squeeze(-1)
     classes = torch.arange(z.shape[-1], device=y.device)
     return torch.where(classes == y[:, None], z, 0.0).sum(dim=-1)

@@ -10,21 +10,19 @@
     params     = params + u
 
 Everything that changes is in :class:`TrainState` (params, optimizer state, step, key), and the
-step counter, the learning rate and the key are tensors, so ``torch.compile(step,
-fullgraph=True)`` compiles once for a whole run. A step is an ordinary function: wrap it to add
-an EMA of the params, an extra loss term or logging, without touching this module.
+step counter, the learning rate and the key are tensors, so :func:`compile` (``torch.compile``
+with the settings below, ``fullgraph=True``) compiles once for a whole run. A step is an
+ordinary function: wrap it to add an EMA of the params, an extra loss term or logging, without
+touching this module.
 
-**The gradient path** is :func:`value_and_grad`, built on ``torch.autograd.grad`` (the choice
-DESIGN.md asks to make on evidence; ``benchmarks/gradient_path.py``, a 6-layer d=384 GPT, batch
-8x256, 2 CPU cores):
-
-* the same speed as ``torch.func.grad_and_value`` (0.91x eager, 1.04x compiled, within noise);
-* half the eager peak memory (357 MB against 682 MB; the same compiled, about 315 MB);
-* it runs activation checkpointing (:func:`functional_llm.nn.remat`), eagerly and compiled,
-  which ``torch.func.grad`` refuses (pytorch#122729): 174 MB eager, 185 MB compiled;
-* DTensor methods stay available inside the loss (they vanish under ``torch.func`` transforms);
-* dynamo traces it into one graph with ``torch._dynamo.config.trace_autograd_ops``, which
-  importing this module turns on.
+**The gradient path** is :func:`value_and_grad`, built on ``torch.autograd.grad``, chosen over
+``torch.func.grad_and_value`` on measurements (``benchmarks/gradient_path.py``; the figures are
+in the README): the same speed, half the eager peak memory, and it runs activation
+checkpointing (:func:`functional_llm.nn.remat`), which ``torch.func.grad`` refuses
+(pytorch#122729); DTensor methods also stay available inside the loss. Dynamo traces it into
+one graph when ``torch._dynamo.config.trace_autograd_ops`` is on: :func:`compile` turns it on
+around each call of the compiled function only, so importing this module changes no global
+setting.
 
 ``value_and_grad(..., method="func")`` is there for what only ``torch.func`` does: a step that
 is itself vmapped (ensembles) or differentiated again.
@@ -32,9 +30,10 @@ is itself vmapped (ensembles) or differentiated again.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import optree
 import torch
@@ -47,6 +46,7 @@ from functional_llm.optim.donated import AdamWDonated
 __all__ = [
     "Precision",
     "TrainState",
+    "compile",
     "evaluate",
     "init_state",
     "make_eval_step",
@@ -54,11 +54,10 @@ __all__ = [
     "value_and_grad",
 ]
 
-torch._dynamo.config.trace_autograd_ops = True  # compile torch.autograd.grad into the graph
-
 Batch = Mapping[str, torch.Tensor]
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[PyTree, Batch, "torch.Tensor | None"], tuple[torch.Tensor, Metrics]]
+F = TypeVar("F", bound=Callable[..., Any])
 Step = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
 
@@ -77,6 +76,21 @@ def init_state(
     """A fresh state at step 0."""
     step = torch.zeros((), dtype=torch.int64, device=key.device)
     return TrainState(params, optimizer.init(params), step, key)
+
+
+def compile(fn: F, /, **options: Any) -> F:
+    """``torch.compile(fn, **options)`` (``fullgraph=True`` unless given), called with the
+    dynamo settings a step of this library needs: ``trace_autograd_ops``, so that
+    :func:`value_and_grad` compiles into the graph. The settings are patched around each call
+    of the compiled function and restored after it; nothing global changes."""
+    compiled = torch.compile(fn, **{"fullgraph": True, **options})
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args, **kwargs)
+
+    return cast(F, run)
 
 
 def value_and_grad(

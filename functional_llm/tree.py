@@ -132,13 +132,18 @@ def compile_pattern(pattern: Pattern) -> re.Pattern[str]:
     return re.compile("^" + fnmatch.translate(pattern))
 
 
-@torch.compiler.assume_constant_result
 def matches(path: str, *patterns: Pattern) -> bool:
     """Whether a dotted path matches any glob (whole path) or regex (searched) pattern.
 
     Paths and patterns are static, so inside ``torch.compile`` the answer is computed once at
     trace time (``assume_constant_result``) and ``select``/``mask`` work in compiled code."""
     return any(compile_pattern(p).search(path) for p in patterns)
+
+
+# What ``torch.compiler.assume_constant_result`` does (torch 2.13), without importing dynamo
+# (a second of import time) before anything is compiled; tests/test_imports.py checks that
+# the decorator still sets exactly this.
+matches._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def mask(tree: PyTree, *patterns: Pattern) -> PyTree:

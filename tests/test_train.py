@@ -81,7 +81,7 @@ def test_compiled_step_equals_eager_and_compiles_once():
         losses.next_token(model), opt, clip_norm=0.5, learning_rate=schedule, accumulate=2
     )
     counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    compiled = train.compile(step, backend=counter)
     eager_state, eager_hist = run(step, state, 12)
     compiled_state, compiled_hist = run(compiled, state, 12)
     assert counter.frame_count == 1
@@ -170,7 +170,7 @@ def test_remat_gives_the_same_gradients_with_dropout(compiled):
     grad = train.value_and_grad(losses.next_token(model))
     grad_remat = train.value_and_grad(losses.next_token(remat_model))
     if compiled:
-        grad_remat = torch.compile(grad_remat, fullgraph=True)
+        grad_remat = train.compile(grad_remat)
     key = random.key(3)
     (loss, _), expected = grad(params, batch(0), key)
     (loss_r, _), got = grad_remat(params, batch(0), key)
@@ -199,7 +199,7 @@ def test_users_compose_steps_ema_and_an_extra_loss_term():
 
         return ema_step
 
-    ema_step = torch.compile(with_ema(step), fullgraph=True)
+    ema_step = train.compile(with_ema(step))
     (final, ema), metrics = ema_step((state, params), batch(0))
     (final, ema), metrics = ema_step((final, ema), batch(1))
     assert "l2" in metrics

@@ -2,11 +2,12 @@
 
 CPU ``scaled_dot_product_attention`` lowers to ``aten._scaled_dot_product_flash_attention_for_cpu``,
 which has no DTensor strategy: DTensor falls back to propagating through its decomposition,
-which on a 2-rank mesh did not finish in minutes (TORCH-FACTS.md). Attention is independent
-per batch row and per head, so the rule is simple: ``q, k, v: (B, H, T, Dh)`` (and the mask,
-where it has that dim) sharded alike on ``B`` or on ``H`` give outputs sharded the same way;
-anything else is replicated first. Registering it is what :mod:`functional_llm.parallel` adds
-to the engine; model code is unchanged.
+which on a 2-rank mesh did not finish in minutes. Attention is independent per batch row and
+per head, so the rule is simple: ``q, k, v: (B, H, T, Dh)`` (and the mask, where it has that
+dim) sharded alike on ``B`` or on ``H`` give outputs sharded the same way; anything else is
+replicated first. :func:`register` adds it to the engine: a :class:`~functional_llm.parallel.Plan`
+calls it when it is made, so importing the library changes nothing in DTensor. Model code is
+unchanged.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
-__all__: list[str] = []
+__all__ = ["register"]
 
 aten = torch.ops.aten
 
@@ -46,7 +47,6 @@ def _rep(mask: Any) -> Any:
     return None if mask is None else Replicate()
 
 
-@register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def _sdpa_cpu(
     query: Any, key: Any, value: Any, dropout_p: float = 0.0, is_causal: bool = False,
     attn_mask: Any = None, scale: float | None = None,
@@ -58,7 +58,6 @@ def _sdpa_cpu(
     ]
 
 
-@register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
 def _sdpa_cpu_backward(
     grad_out: Any, query: Any, key: Any, value: Any, out: Any, logsumexp: Any, dropout_p: float,
     is_causal: bool, attn_mask: Any = None, scale: float | None = None,
@@ -68,3 +67,18 @@ def _sdpa_cpu_backward(
         (outs, [*ins, None, None, m, None])
         for outs, (*ins, m) in _strategies(query, attn_mask, n_outputs=3, n_inputs=6)
     ]
+
+
+_RULES = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: _sdpa_cpu,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _sdpa_cpu_backward,
+}
+
+
+def register() -> None:
+    """Give DTensor the CPU attention strategies above (idempotent: a rule already there is
+    left as it is)."""
+    known = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs
+    for op, rule in _RULES.items():
+        if op not in known:
+            register_sharding(op)(rule)

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from torch.distributed.tensor.experimental import implicit_replication
 
 from functional_llm import tree
-from functional_llm.parallel import ops as _ops  # noqa: F401  (registers CPU attention sharding)
+from functional_llm.parallel import ops
 from functional_llm.parallel.mesh import mesh_shape
 from functional_llm.parallel.rules import Rules, as_mesh_axes, placements
 
@@ -59,6 +59,7 @@ class Plan:
     axes: PyTree
 
     def __post_init__(self) -> None:
+        ops.register()  # DTensor's CPU attention strategy, from the first plan on
         shape = mesh_shape(self.mesh)
         self.rules.check_mesh(shape)
         flat = tree.flatten_axes(self.axes)
