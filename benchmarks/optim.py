@@ -7,10 +7,10 @@ interleaved so machine noise hits every case alike. Cases:
 * ``torch fused``: ``torch.optim.AdamW(fused=True)``, in place, where the build supports it;
 * ``ours eager``: ``adamw(...).update`` + ``apply_updates``, a pure step (new tensors);
 * ``ours compiled``: the same step under ``torch.compile``;
-* ``ours copy+fused``: :func:`functional_llm.optim.adamw_donated` with ``donate=False``:
-  copy params and state, then the fused kernel on the copies (pure at the boundary);
-* ``ours donated``: the same with ``donate=True``: the caller hands over params and state,
-  and the fused kernel writes the new values into their buffers.
+* ``ours copy+fused``: ``optim.update_and_apply(adamw(...), ..., donate=True)`` on copies of
+  params and state made each step (pure at the boundary);
+* ``ours donated``: the same without the copies: the caller hands over params and state, and
+  AdamW's ``update_in_place`` (the fused kernel) writes the new values into their buffers.
 
 Peak memory: each case also runs alone in a child process, which reports its peak resident
 set minus its resting one after the steps (params, grads and optimizer state): the transient
@@ -18,8 +18,8 @@ memory one update needs.
 
     python benchmarks/optim.py [--layers 4 --vocab 50257 --repeats 7] [--no-compile]
 
-Allocator settings change every figure (TORCH-FACTS.md); both sides run under the same ones,
-and the script prints the ``MALLOC_*`` variables in effect.
+Allocator settings change every figure; both sides run under the same ones, and the script
+prints the ``MALLOC_*`` variables in effect.
 """
 
 from __future__ import annotations
@@ -77,12 +77,15 @@ def cases(
         return go
 
     def donated_case(donate: bool) -> Callable[[], object]:
-        opt = optim.adamw_donated(LR, *BETAS, EPS, WD)
+        opt = optim.adamw(LR, *BETAS, EPS, WD)
         holder = {"p": fl.tree.map(torch.clone, params)}
         holder["s"] = opt.init(holder["p"])
 
         def go() -> None:
-            holder["p"], holder["s"] = opt.step(holder["p"], grads, holder["s"], donate=donate)
+            p, s = holder["p"], holder["s"]
+            if not donate:  # pure at the boundary: the step consumes copies
+                p, s = fl.tree.map(torch.clone, (p, s))
+            holder["p"], holder["s"] = optim.update_and_apply(opt, p, grads, s, donate=True)
 
         return go
 

@@ -4,9 +4,9 @@ The reference is the same GPT as an ``nn.Module`` (``forward_vs_module.ModuleGPT
 ``nn.TransformerEncoder`` pre-LN, tied output), ``loss.backward()``, ``clip_grad_norm_`` and
 ``torch.optim.AdamW(foreach=True)``; its compiled form is ``torch.compile(module)`` with the
 optimizer eager, as most scripts do. Ours is one pure step (value-and-grad on
-``torch.autograd.grad``, clip, AdamW) eager and ``torch.compile(step, fullgraph=True)``, plus
-the donated variant (``adamw_donated``, ``donate=True``: the fused in-place kernel behind the
-pure API) and remat. Same weights, batch and hyperparameters; the script checks that one step
+``torch.autograd.grad``, clip, AdamW) eager and under ``fl.train.compile``, plus the donated
+variant (``make_step(..., donate=True)``: AdamW's fused in-place kernel behind the pure API)
+and remat. Same weights, batch and hyperparameters; the script checks that one step
 of each lands on the same params before timing.
 
     python benchmarks/step_vs_module.py [--layers 6 --d-model 384 --heads 6 --seq 256 --batch 8]
@@ -95,11 +95,7 @@ class Ours:
     def __init__(self, model, params, args, compiled=False, donate=False, remat=False) -> None:
         if remat:
             model = fl.models.GPT(dataclasses.replace(model.config, remat=True))
-        opt = (
-            optim.adamw_donated(args.lr, weight_decay=0.1)
-            if donate
-            else optim.adamw(args.lr, weight_decay=0.1)
-        )
+        opt = optim.adamw(args.lr, weight_decay=0.1)
         step = train.make_step(losses.next_token(model), opt, clip_norm=1.0, donate=donate)
         self.step = train.compile(step) if compiled else step
         self.state = train.init_state(optree.tree_map(torch.clone, params), opt, random.key(1))

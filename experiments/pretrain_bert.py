@@ -185,9 +185,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     decay_steps = args.decay_steps or args.max_steps
     schedule = optim.warmup_cosine(args.lr, min(args.warmup, decay_steps), decay_steps)
     decay = lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
-    opt = optim.adamw(schedule, weight_decay=args.weight_decay, mask=decay)
+    opt = optim.inject_hyperparams(optim.adamw)(
+        schedule, weight_decay=args.weight_decay, mask=decay
+    )
     loss_fn = losses.bert_pretraining(model, args.nsp_weight)
-    step = train.make_step(loss_fn, opt, clip_norm=1.0, learning_rate=schedule)
+    step = train.make_step(loss_fn, opt, clip_norm=1.0)
     eval_mlm, eval_nsp = train.make_eval_step(losses.mlm(model)), train.make_eval_step(
         losses.nsp(model)
     )  # fmt: skip

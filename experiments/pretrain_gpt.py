@@ -164,18 +164,20 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> fl.models.GPTConf
     return fl.models.GPTConfig(**fields)
 
 
-def optimizer(args: argparse.Namespace) -> tuple[Any, optim.Schedule]:
+def optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
     """nanoGPT's AdamW: decay on tensors with 2+ axes (matrices, embeddings), not norms/biases;
     its schedule: step t < warmup has lr (t + 1) / (warmup + 1), then cosine to ``min_lr``.
-    With ``--donate`` the same update runs as one fused in-place kernel per group."""
+    Its hyperparameters live in the state (``inject_hyperparams``), where the step reads the
+    learning rate it reports. With ``--donate`` the same update runs as one fused in-place
+    kernel per group (AdamW's ``update_in_place``)."""
     schedule = optim.warmup_cosine(
         args.lr, args.warmup_iters, args.lr_decay_iters,
         init_value=args.lr / (args.warmup_iters + 1), end_value=args.min_lr,
     )  # fmt: skip
     decay = lambda params: fl.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    make = optim.adamw_donated if args.donate else optim.adamw
-    opt = make(schedule, b1=0.9, b2=args.beta2, weight_decay=args.weight_decay, mask=decay)
-    return opt, schedule
+    return optim.inject_hyperparams(optim.adamw)(
+        schedule, b1=0.9, b2=args.beta2, weight_decay=args.weight_decay, mask=decay
+    )
 
 
 def estimate(eval_step, params, tokens, args, key) -> float:
@@ -224,12 +226,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = model_config(args, tok.vocab_size)
     model = fl.models.GPT(cfg)
     plan = sharding(args, model)
-    opt, schedule = optimizer(args)
+    opt = optimizer(args)
     precision = train.Precision("float32", "bfloat16") if args.bf16 else None
     loss_fn = plan.loss(losses.next_token(model)) if plan else losses.next_token(model)
     step = train.make_step(
         loss_fn, opt, accumulate=args.accumulate, precision=precision,
-        clip_norm=args.grad_clip or None, learning_rate=schedule, donate=args.donate,
+        clip_norm=args.grad_clip or None, donate=args.donate,
     )  # fmt: skip
     eval_step = train.make_eval_step(loss_fn, precision)
     if args.compile:

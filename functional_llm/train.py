@@ -39,9 +39,9 @@ import optree
 import torch
 
 from functional_llm import random
-from functional_llm.optim.base import GradientTransformation, PyTree, apply_updates, as_schedule
+from functional_llm.optim.base import GradientTransformation, PyTree, update_and_apply
 from functional_llm.optim.clipping import clip_factor, global_norm
-from functional_llm.optim.donated import AdamWDonated
+from functional_llm.optim.combinators import hyperparams
 
 __all__ = [
     "Precision",
@@ -70,9 +70,7 @@ class TrainState(NamedTuple):
     key: torch.Tensor  # the run's base key; step t uses fold_in(key, t)
 
 
-def init_state(
-    params: PyTree, optimizer: GradientTransformation | AdamWDonated, key: torch.Tensor
-) -> TrainState:
+def init_state(params: PyTree, optimizer: GradientTransformation, key: torch.Tensor) -> TrainState:
     """A fresh state at step 0."""
     step = torch.zeros((), dtype=torch.int64, device=key.device)
     return TrainState(params, optimizer.init(params), step, key)
@@ -218,12 +216,11 @@ def _loss_and_grads(
 
 def make_step(
     loss_fn: LossFn,
-    optimizer: GradientTransformation | AdamWDonated,
+    optimizer: GradientTransformation,
     *,
     accumulate: int = 1,
     clip_norm: float | None = None,
     precision: Precision | None = None,
-    learning_rate: Callable[[torch.Tensor], torch.Tensor] | float | None = None,
     donate: bool = False,
     grad_method: str = "autograd",
 ) -> Step:
@@ -233,22 +230,20 @@ def make_step(
       batch entry must divide), sum their gradients weighted by counted tokens;
     * ``clip_norm``: scale the gradient to at most that global norm (``clip_grad_norm_``'s rule);
     * ``precision``: a :class:`Precision` policy;
-    * ``learning_rate``: the schedule, reported as ``metrics["learning_rate"]``;
     * ``donate=True``: the step consumes the state it is given (do not read it again) and writes
-      the new params and optimizer state into its buffers; with
-      :func:`~functional_llm.optim.adamw_donated` that is one fused in-place kernel. Eager only:
-      a compiled step takes ``donate=False``.
+      the new params and optimizer state into its buffers, with the optimizer's
+      ``update_in_place`` where it has one (:func:`~functional_llm.optim.adamw`: the fused
+      kernel of ``torch.optim.AdamW``). Eager only: a compiled step takes ``donate=False``.
 
     metrics: ``loss``, the loss's aux (``nll``, ``accuracy``, ``count``, ...), ``grad_norm``
-    (before clipping), ``tokens`` (= ``count`` when reported) and ``learning_rate``.
+    (before clipping), ``tokens`` (= ``count`` when reported) and, when the optimizer injects it
+    (:func:`~functional_llm.optim.inject_hyperparams`), ``learning_rate``, the one this step
+    used.
     """
     if accumulate < 1:
         raise ValueError(f"make_step: accumulate must be >= 1, got {accumulate}")
     if clip_norm is not None and clip_norm <= 0:
         raise ValueError(f"make_step: clip_norm must be positive, got {clip_norm}")
-    if donate and not isinstance(optimizer, (AdamWDonated, GradientTransformation)):
-        raise TypeError(f"make_step: cannot donate to {type(optimizer).__name__}")
-    schedule = as_schedule(learning_rate) if learning_rate is not None else None
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = random.fold_in(state.key, state.step)
@@ -259,16 +254,14 @@ def make_step(
         if clip_norm is not None:
             factor = clip_factor(norm, clip_norm)
             grads = optree.tree_map(lambda g: g * factor.to(g.dtype), grads)
-        if isinstance(optimizer, AdamWDonated):
-            params, opt_state = optimizer.step(state.params, grads, state.opt_state, donate=donate)
-        else:
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = apply_updates(state.params, updates, donate=donate)
+        params, opt_state = update_and_apply(
+            optimizer, state.params, grads, state.opt_state, donate=donate
+        )
         metrics = {**aux, "loss": loss, "grad_norm": norm}
         if "count" in aux:
             metrics["tokens"] = aux["count"]
-        if schedule is not None:
-            metrics["learning_rate"] = torch.as_tensor(schedule(state.step))
+        if "learning_rate" in (injected := hyperparams(opt_state)):
+            metrics["learning_rate"] = injected["learning_rate"]
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     return step

@@ -76,10 +76,10 @@ def run(step, state, n, **batch_kw):
 def test_compiled_step_equals_eager_and_compiles_once():
     schedule = optim.warmup_cosine(1e-2, 3, 12, end_value=1e-3)
     cfg = dataclasses.replace(CFG, dropout=0.1)  # keys drive dropout: a tensor, folded per step
-    model, _, opt, state = setup(cfg, schedule)
-    step = train.make_step(
-        losses.next_token(model), opt, clip_norm=0.5, learning_rate=schedule, accumulate=2
-    )
+    model, params, _, _ = setup(cfg)
+    opt = optim.inject_hyperparams(optim.adamw)(schedule, b2=0.99, weight_decay=0.1)
+    state = train.init_state(params, opt, random.key(1))
+    step = train.make_step(losses.next_token(model), opt, clip_norm=0.5, accumulate=2)
     counter = CompileCounterWithBackend("inductor")
     compiled = train.compile(step, backend=counter)
     eager_state, eager_hist = run(step, state, 12)
@@ -89,6 +89,8 @@ def test_compiled_step_equals_eager_and_compiles_once():
     for e, c in zip(eager_hist, compiled_hist, strict=True):
         torch.testing.assert_close(c["loss"], e["loss"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c["learning_rate"], e["learning_rate"])
+    for i, record in enumerate(eager_hist):  # the rate each step used, read from the state
+        torch.testing.assert_close(record["learning_rate"], schedule(torch.tensor(i)))
     assert int(compiled_state.step) == 12
 
 
@@ -151,7 +153,7 @@ def full_loss(model, state):
 
 def test_donated_step_equals_pure_step():
     model, params, _, _ = setup()
-    for opt in (optim.adamw_donated(1e-2, weight_decay=0.1), optim.adamw(1e-2, weight_decay=0.1)):
+    for opt in (optim.adamw(1e-2, weight_decay=0.1), optim.sgd(1e-2, momentum=0.9)):
         pure = train.make_step(losses.next_token(model), opt)
         donating = train.make_step(losses.next_token(model), opt, donate=True)
         state = train.init_state(params, opt, random.key(1))

@@ -1,1 +1,5 @@
-"""Bridges to other libraries\x27 modules and weights."""
+"""Bridges to other libraries' modules and weights."""
+
+from functional_llm.interop import torch_nn
+
+__all__ = ["torch_nn"]

@@ -10,6 +10,8 @@ from functional_llm.optim.base import (
     chain,
     identity,
     set_to_zero,
+    stateless,
+    update_and_apply,
 )
 from functional_llm.optim.clipping import (
     apply_if_finite,
@@ -21,13 +23,13 @@ from functional_llm.optim.clipping import (
 )
 from functional_llm.optim.combinators import (
     MultiSteps,
+    hyperparams,
     inject_hyperparams,
     labels_by_path,
     masked,
     multi_steps,
     multi_transform,
 )
-from functional_llm.optim.donated import AdamWDonated, AdamWDonatedState, adamw_donated
 from functional_llm.optim.factored import (
     clip_by_block_rms,
     scale_by_factored_rms,
@@ -56,8 +58,6 @@ from functional_llm.optim.transforms import (
 )
 
 __all__ = [
-    "AdamWDonated",
-    "AdamWDonatedState",
     "EmptyState",
     "GradientTransformation",
     "MultiSteps",
@@ -66,7 +66,6 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
-    "adamw_donated",
     "add_decayed_weights",
     "apply_if_finite",
     "apply_updates",
@@ -78,6 +77,7 @@ __all__ = [
     "constant",
     "cosine_decay",
     "global_norm",
+    "hyperparams",
     "identity",
     "inject_hyperparams",
     "join",
@@ -102,7 +102,9 @@ __all__ = [
     "scale_by_trust_ratio",
     "set_to_zero",
     "sgd",
+    "stateless",
     "trace",
+    "update_and_apply",
     "warmup_cosine",
     "warmup_stable_decay",
     "zero_nans",

@@ -9,14 +9,20 @@ papers otherwise (``lion``, ``adafactor``, ``lamb``). ``learning_rate`` is a num
 
 from __future__ import annotations
 
+import optree
 import torch
 
+from functional_llm.optim import _foreach as ops
 from functional_llm.optim.base import (
     GradientTransformation,
     MaskOrFn,
+    PyTree,
     ScalarOrSchedule,
     chain,
+    flat,
     identity,
+    per_structure,
+    unflat,
 )
 from functional_llm.optim.factored import (
     clip_by_block_rms,
@@ -25,6 +31,8 @@ from functional_llm.optim.factored import (
 )
 from functional_llm.optim.transforms import (
     Scalar,
+    ScaleByAdamState,
+    ScaleByScheduleState,
     add_decayed_weights,
     scale_by_adam,
     scale_by_learning_rate,
@@ -36,6 +44,10 @@ from functional_llm.optim.transforms import (
 )
 
 __all__ = ["adafactor", "adagrad", "adam", "adamw", "lamb", "lion", "rmsprop", "sgd"]
+
+
+def _true(_: object) -> bool:
+    return True
 
 
 def _unless_zero(value: Scalar, transform: GradientTransformation) -> GradientTransformation:
@@ -88,12 +100,52 @@ def adamw(
     mask: MaskOrFn | None = None,
 ) -> GradientTransformation:
     """AdamW (Loshchilov & Hutter 2019): ``u = -lr (adam(g) + wd p)``, decay restricted to
-    ``mask`` (e.g. not norms and biases)."""
-    return chain(
+    ``mask`` (e.g. not norms and biases).
+
+    Its ``update_in_place`` takes the same step with ``torch.optim.AdamW(fused=True)``'s kernel
+    in the buffers of params and state (the state keeps the structure ``update`` gives it), one
+    kernel call per decay group: what :func:`update_and_apply` runs with ``donate=True``."""
+    opt = chain(
         scale_by_adam(b1, b2, eps),
         _decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
+    decays = per_structure(mask if mask is not None else lambda p: optree.tree_map(_true, p))
+
+    def update_in_place(params: PyTree, grads: PyTree, state: tuple) -> tuple[PyTree, tuple]:
+        adam, decay_state, lr_state = state
+        p, spec = flat(params)
+        if not p:
+            return params, state
+        g = spec.flatten_up_to(grads)
+        mu, nu = spec.flatten_up_to(adam.mu), spec.flatten_up_to(adam.nu)
+        if callable(learning_rate):
+            lr = torch.as_tensor(learning_rate(lr_state.count))
+            lr_state = ScaleByScheduleState(lr_state.count.add_(1))
+        else:
+            lr = learning_rate
+        count = adam.count.add_(1)
+        step = count.to(torch.float32)  # the fused kernel's step type
+        decayed = [bool(d) for d in spec.flatten_up_to(decays(params))]
+        for wd in {float(weight_decay) if d else 0.0 for d in decayed}:
+            group = [i for i, d in enumerate(decayed) if (float(weight_decay) if d else 0.0) == wd]
+            pick = lambda xs, group=group: [xs[i] for i in group]  # noqa: E731
+            ops.fused_adamw_(
+                pick(p),
+                pick(g),
+                pick(mu),
+                pick(nu),
+                step,
+                lr=lr,
+                b1=float(b1),
+                b2=float(b2),
+                eps=float(eps),
+                weight_decay=wd,
+            )
+        adam = ScaleByAdamState(count, unflat(spec, mu), unflat(spec, nu))
+        return unflat(spec, p), (adam, decay_state, lr_state)
+
+    return opt._replace(update_in_place=update_in_place)
 
 
 def rmsprop(

@@ -6,13 +6,19 @@ A :class:`GradientTransformation` is a pair of pure functions::
     updates, state = opt.update(grads, state, params, **extra)   # extra: e.g. loss=...
     params = apply_updates(params, updates)                      # params + updates
 
+An optimizer may also offer ``update_in_place(params, grads, state) -> (params, state)``, the
+same step written into the buffers of ``params`` and ``state`` (for AdamW, the fused kernel of
+``torch.optim``): :func:`update_and_apply` with ``donate=True`` uses it where it exists, so a
+train step has one code path for every optimizer.
+
 Nothing is mutated: states are pytrees (NamedTuples of tensors and trees of tensors) that
 can be saved, sharded, vmapped and compiled. ``None`` in a tree is a hole (a leaf some
 combinator masked out); every transform skips holes.
 
-Transforms work on the flattened leaves with ``torch._foreach_*`` kernels (one launch per
-operation for all leaves, as ``torch.optim``'s ``foreach`` path), keep one step counter per
-state, and never synchronise with the host.
+Transforms work on the flattened leaves with the list arithmetic of :mod:`._foreach` (one
+kernel launch per operation for all leaves, as ``torch.optim``'s ``foreach`` path), keep one
+step counter per state, and never synchronise with the host. :func:`stateless` makes a
+transform without state from a function of the leaves.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import optree
 import torch
 
 from functional_llm import tree
+from functional_llm.optim import _foreach
 
 __all__ = [
     "EmptyState",
@@ -33,6 +40,8 @@ __all__ = [
     "chain",
     "identity",
     "set_to_zero",
+    "stateless",
+    "update_and_apply",
 ]
 
 PyTree = Any
@@ -51,11 +60,18 @@ class UpdateFn(Protocol):
     ) -> tuple[PyTree, PyTree]: ...
 
 
+class InPlaceFn(Protocol):
+    def __call__(self, params: PyTree, grads: PyTree, state: PyTree) -> tuple[PyTree, PyTree]: ...
+
+
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state`` and ``update(updates, state, params=None, **extra)``."""
+    """``init(params) -> state`` and ``update(updates, state, params=None, **extra)``; optionally
+    ``update_in_place(params, grads, state) -> (params, state)``, which consumes ``params`` and
+    ``state`` and writes the step's result into their buffers."""
 
     init: InitFn
     update: UpdateFn
+    update_in_place: InPlaceFn | None = None
 
 
 class EmptyState(NamedTuple):
@@ -140,12 +156,52 @@ def apply_updates(params: PyTree, updates: PyTree, *, donate: bool = False) -> P
     targets = [p[i] for i in present]
     deltas = [u[i].to(p[i].dtype) for i in present]
     if donate:
-        torch._foreach_add_(targets, deltas)
+        _foreach.add_(targets, deltas)
         return params
     new = list(p)
-    for i, x in zip(present, torch._foreach_add(targets, deltas), strict=True):
+    for i, x in zip(present, _foreach.add(targets, deltas), strict=True):
         new[i] = x
     return unflat(spec, new)
+
+
+def update_and_apply(
+    optimizer: GradientTransformation,
+    params: PyTree,
+    grads: PyTree,
+    state: PyTree,
+    *,
+    donate: bool = False,
+) -> tuple[PyTree, PyTree]:
+    """One optimizer step: ``(new params, new state)``.
+
+    ``donate=True``: ``params`` and ``state`` are consumed (do not read them again); the
+    optimizer's ``update_in_place`` runs where it has one, and otherwise the updates are added
+    into the params' buffers. ``donate=False``: pure."""
+    if donate and optimizer.update_in_place is not None:
+        return optimizer.update_in_place(params, grads, state)
+    updates, state = optimizer.update(grads, state, params)
+    return apply_updates(params, updates, donate=donate), state
+
+
+def stateless(
+    fn: Callable[[list[torch.Tensor], list[torch.Tensor] | None], list[torch.Tensor]],
+    *,
+    needs_params: str | None = None,
+) -> GradientTransformation:
+    """A transformation without state from ``fn(update_leaves, param_leaves) -> new leaves``
+    (holes skipped; ``param_leaves`` is None when no params were given). ``needs_params``, the
+    transform's name, makes a call without params an error that names it."""
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
+        if needs_params and params is None:
+            raise ValueError(f"{needs_params} needs params: call update(grads, state, params)")
+        g, spec = flat(updates)
+        if not g:
+            return updates, state
+        p = None if params is None else spec.flatten_up_to(params)
+        return unflat(spec, fn(g, p)), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
 
 
 def identity() -> GradientTransformation:
@@ -155,10 +211,7 @@ def identity() -> GradientTransformation:
 
 def set_to_zero() -> GradientTransformation:
     """Zero updates: the transform for frozen parameters in :func:`multi_transform`."""
-    return GradientTransformation(
-        lambda params: EmptyState(),
-        lambda u, s, p=None, **_: (zeros_like(u), s),
-    )
+    return stateless(lambda g, p: [torch.zeros_like(x) for x in g])
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

@@ -7,12 +7,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from functional_llm.optim import _foreach as ops
 from functional_llm.optim.base import (
-    EmptyState,
     GradientTransformation,
     PyTree,
     first_device,
     flat,
+    stateless,
     step_if,
     unflat,
 )
@@ -34,7 +35,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     leaves, _ = flat(tree)
     if not leaves:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves)))
+    return torch.linalg.vector_norm(torch.stack(ops.norms(leaves)))
 
 
 def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -45,30 +46,18 @@ def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 def clip(max_delta: float) -> GradientTransformation:
     """Clamp each element of the updates to ``[-max_delta, max_delta]``."""
-
-    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
-        g, spec = flat(updates)
-        if not g:
-            return updates, state
-        out = torch._foreach_clamp_min(g, -max_delta)
-        torch._foreach_clamp_max_(out, max_delta)
-        return unflat(spec, out), state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return stateless(lambda g, p: ops.clamp(g, -max_delta, max_delta))
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale all updates by ``min(1, max_norm / (||g|| + 1e-6))``, as
     ``torch.nn.utils.clip_grad_norm_``; the norm is over the leaves this transform sees."""
 
-    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
-        g, spec = flat(updates)
-        if not g:
-            return updates, state
-        factor = clip_factor(global_norm(updates), max_norm)
-        return unflat(spec, torch._foreach_mul(g, factor.to(g[0].dtype))), state
+    def rescale(g: list[torch.Tensor], p: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        factor = clip_factor(torch.linalg.vector_norm(torch.stack(ops.norms(g))), max_norm)
+        return ops.mul(g, factor.to(g[0].dtype))
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return stateless(rescale)
 
 
 class ZeroNansState(NamedTuple):

@@ -20,6 +20,7 @@ import optree
 import torch
 
 from functional_llm import tree
+from functional_llm.optim import _foreach as ops
 from functional_llm.optim.base import (
     GradientTransformation,
     MaskOrFn,
@@ -31,6 +32,7 @@ from functional_llm.optim.base import (
     per_structure,
     step_if,
     unflat,
+    update_and_apply,
     zeros_like,
 )
 
@@ -38,6 +40,7 @@ __all__ = [
     "InjectHyperparamsState",
     "MultiSteps",
     "MultiStepsState",
+    "hyperparams",
     "inject_hyperparams",
     "labels_by_path",
     "masked",
@@ -161,9 +164,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         g, spec = flat(updates)
         j = state.mini_step + 1
         acc = spec.flatten_up_to(state.acc_grads)
-        mean = torch._foreach_add(
-            acc, torch._foreach_div(torch._foreach_sub(g, acc), j.to(g[0].dtype))
-        )
+        mean = ops.add(acc, ops.div(ops.sub(g, acc), j.to(g[0].dtype)))
         new_updates, new_inner = inner.update(
             unflat(spec, mean), state.inner_state, params, **extra
         )
@@ -194,7 +195,9 @@ def inject_hyperparams(
     ``state.hyperparams``. Replace a value there (``state._replace(hyperparams={...,
     "learning_rate": torch.tensor(1e-4)})``) to override it at run time; a constant
     hyperparameter keeps the value found in the state, so an override persists. Values are
-    tensors, so a compiled step never recompiles when they change.
+    tensors, so a compiled step never recompiles when they change. :func:`hyperparams` reads
+    them from any optimizer state that holds one (what a train step reports). The wrapped
+    optimizer's ``update_in_place`` is kept.
 
     Injected: float and tensor arguments, and callables (schedules) not named in
     ``static_args``; ints, bools, strings and the ``static_args`` are passed as given.
@@ -210,7 +213,11 @@ def inject_hyperparams(
             if k not in static_args and (callable(v) or isinstance(v, float | torch.Tensor))
         }
         schedules = {k: v for k, v in numeric.items() if callable(v)}
-        static = {k: v for k, v in bound.arguments.items() if k not in numeric}
+        static = {  # masks resolved once per tree, not each time the factory is called
+            k: per_structure(v) if k in static_args and callable(v) else v
+            for k, v in bound.arguments.items()
+            if k not in numeric
+        }
 
         def values(
             count: torch.Tensor, current: dict[str, torch.Tensor] | None
@@ -244,6 +251,20 @@ def inject_hyperparams(
             )
             return updates, InjectHyperparamsState(state.count + 1, hyper, inner)
 
-        return GradientTransformation(init, update)
+        def update_in_place(params: PyTree, grads: PyTree, state: InjectHyperparamsState) -> tuple:
+            hyper = values(state.count, state.hyperparams)
+            params, inner = update_and_apply(
+                factory(**static, **hyper), params, grads, state.inner_state, donate=True
+            )
+            return params, InjectHyperparamsState(state.count + 1, hyper, inner)
+
+        return GradientTransformation(init, update, update_in_place)
 
     return wrapped
+
+
+def hyperparams(state: PyTree) -> dict[str, torch.Tensor]:
+    """The injected hyperparameters of the first :func:`inject_hyperparams` state found in an
+    optimizer state (the values its last step used), or ``{}`` where there is none."""
+    found = optree.tree_leaves(state, is_leaf=lambda x: isinstance(x, InjectHyperparamsState))
+    return next((dict(x.hyperparams) for x in found if isinstance(x, InjectHyperparamsState)), {})

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from functional_llm.optim import _foreach as ops
 from functional_llm.optim.base import (
-    EmptyState,
     GradientTransformation,
     MaskOrFn,
     PyTree,
@@ -24,6 +24,7 @@ from functional_llm.optim.base import (
     counter,
     first_device,
     flat,
+    stateless,
     unflat,
     zeros_like,
 )
@@ -51,45 +52,9 @@ __all__ = [
 Scalar = float | torch.Tensor
 
 
-def _bias_correction(decay: Scalar, t: torch.Tensor) -> torch.Tensor:
-    """``1 - decay^t`` in float64, as torch.optim computes it on the host."""
-    return 1.0 - torch.pow(
-        torch.as_tensor(decay, dtype=torch.float64, device=t.device), t.to(torch.float64)
-    )
-
-
-def _ema(avg: list[torch.Tensor], new: list[torch.Tensor], decay: Scalar) -> list[torch.Tensor]:
-    """``decay * avg + (1 - decay) * new`` (``lerp``, as torch.optim)."""
-    return list(torch._foreach_lerp(avg, new, 1.0 - decay))
-
-
-def _ema_of_squares(
-    avg: list[torch.Tensor], g: list[torch.Tensor], decay: Scalar
-) -> list[torch.Tensor]:
-    """``decay * avg + (1 - decay) * g^2``."""
-    out = list(torch._foreach_mul(avg, decay))
-    if isinstance(decay, torch.Tensor):  # addcmul_ takes a Python scalar only
-        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_mul(g, g), 1.0 - decay))
-    else:
-        torch._foreach_addcmul_(out, g, g, value=1.0 - decay)
-    return out
-
-
-def _add_scaled(x: list[torch.Tensor], y: list[torch.Tensor], alpha: Scalar) -> list[torch.Tensor]:
-    """``x + alpha * y`` in one pass where ``alpha`` is a Python number (no temporary)."""
-    if isinstance(alpha, torch.Tensor):
-        return list(torch._foreach_add(x, torch._foreach_mul(y, alpha)))
-    return list(torch._foreach_add(x, y, alpha=alpha))
-
-
 def scale(step_size: Scalar) -> GradientTransformation:
     """``u = step_size * g``."""
-
-    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
-        g, spec = flat(updates)
-        return (unflat(spec, torch._foreach_mul(g, step_size)) if g else updates), state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return stateless(lambda g, p: ops.mul(g, step_size))
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -106,8 +71,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         updates: PyTree, state: ScaleByScheduleState, params: PyTree | None = None, **_: Any
     ) -> tuple:
         g, spec = flat(updates)
-        factor = torch.as_tensor(schedule(state.count))
-        out = unflat(spec, torch._foreach_mul(g, factor)) if g else updates
+        out = unflat(spec, ops.mul(g, torch.as_tensor(schedule(state.count)))) if g else updates
         return out, ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
@@ -150,17 +114,9 @@ def scale_by_adam(
         if not g:
             return updates, state
         t = state.count + 1
-        mu = _ema(spec.flatten_up_to(state.mu), g, b1)
-        nu = _ema_of_squares(spec.flatten_up_to(state.nu), g, b2)
-        if eps_root:
-            denom = torch._foreach_add(nu, eps_root)
-            torch._foreach_sqrt_(denom)
-        else:
-            denom = torch._foreach_sqrt(nu)
-        torch._foreach_div_(denom, torch.sqrt(_bias_correction(b2, t)).to(g[0].dtype))
-        torch._foreach_add_(denom, eps)
-        u = torch._foreach_div(mu, denom)
-        torch._foreach_div_(u, _bias_correction(b1, t).to(g[0].dtype))
+        mu = ops.ema(spec.flatten_up_to(state.mu), g, b1)
+        nu = ops.ema_of_squares(spec.flatten_up_to(state.nu), g, b2)
+        u = ops.adam_direction(mu, nu, t, b1, b2, eps, eps_root)
         return unflat(spec, u), ScaleByAdamState(t, unflat(spec, mu), unflat(spec, nu))
 
     return GradientTransformation(init, update)
@@ -189,12 +145,10 @@ def scale_by_rms(
         g, spec = flat(updates)
         if not g:
             return updates, state
-        nu = _ema_of_squares(spec.flatten_up_to(state.nu), g, decay)
-        mu = _ema(spec.flatten_up_to(state.mu), g, decay) if centered else None
-        var = torch._foreach_sub(nu, torch._foreach_mul(mu, mu)) if centered else nu
-        denom = torch._foreach_sqrt(var)
-        torch._foreach_add_(denom, eps)
-        u = torch._foreach_div(g, denom)
+        nu = ops.ema_of_squares(spec.flatten_up_to(state.nu), g, decay)
+        mu = ops.ema(spec.flatten_up_to(state.mu), g, decay) if centered else None
+        var = ops.sub(nu, ops.mul(mu, mu)) if centered and mu is not None else nu
+        u = ops.div(g, ops.add_scalar(ops.sqrt(var), eps))
         return unflat(spec, u), ScaleByRmsState(
             unflat(spec, nu), unflat(spec, mu) if centered else None
         )
@@ -223,10 +177,9 @@ def scale_by_rss(
         g, spec = flat(updates)
         if not g:
             return updates, state
-        s = torch._foreach_add(spec.flatten_up_to(state.sum_of_squares), torch._foreach_mul(g, g))
-        denom = torch._foreach_sqrt(s)
-        torch._foreach_add_(denom, eps)
-        return unflat(spec, torch._foreach_div(g, denom)), ScaleByRssState(unflat(spec, s))
+        s = ops.add(spec.flatten_up_to(state.sum_of_squares), ops.mul(g, g))
+        u = ops.div(g, ops.add_scalar(ops.sqrt(s), eps))
+        return unflat(spec, u), ScaleByRssState(unflat(spec, s))
 
     return GradientTransformation(init, update)
 
@@ -251,8 +204,8 @@ def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation
         if not g:
             return updates, state
         m = spec.flatten_up_to(state.mu)
-        u = torch._foreach_sign(_ema(m, g, b1))
-        return unflat(spec, u), ScaleByLionState(unflat(spec, _ema(m, g, b2)))
+        u = ops.sign(ops.ema(m, g, b1))
+        return unflat(spec, u), ScaleByLionState(unflat(spec, ops.ema(m, g, b2)))
 
     return GradientTransformation(init, update)
 
@@ -272,8 +225,8 @@ def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
         g, spec = flat(updates)
         if not g:
             return updates, state
-        b = _add_scaled(g, spec.flatten_up_to(state.trace), decay)
-        u = _add_scaled(g, b, decay) if nesterov else b
+        b = ops.add(g, spec.flatten_up_to(state.trace), decay)
+        u = ops.add(g, b, decay) if nesterov else b
         return unflat(spec, u), TraceState(unflat(spec, b))
 
     return GradientTransformation(init, update)
@@ -284,17 +237,7 @@ def add_decayed_weights(
 ) -> GradientTransformation:
     """``u = g + weight_decay * params``, only where ``mask`` (a bool tree or a function of
     params giving one) is True when it is given."""
-
-    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
-        if params is None:
-            raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        g, spec = flat(updates)
-        if not g:
-            return updates, state
-        p = spec.flatten_up_to(params)
-        return unflat(spec, _add_scaled(g, p, weight_decay)), state
-
-    decay = GradientTransformation(lambda params: EmptyState(), update)
+    decay = stateless(lambda g, p: ops.add(g, p, weight_decay), needs_params="add_decayed_weights")
     return decay if mask is None else masked(decay, mask)
 
 
@@ -302,17 +245,12 @@ def scale_by_trust_ratio(min_norm: float = 0.0, eps: float = 0.0) -> GradientTra
     """LAMB's layer-wise trust ratio (You et al. 2020): ``u = g * ||p|| / ||g||`` per leaf,
     with ratio 1 where either norm is zero (``||p||`` is clamped below by ``min_norm``)."""
 
-    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
-        if params is None:
-            raise ValueError("scale_by_trust_ratio needs params: call update(grads, state, params)")
-        g, spec = flat(updates)
-        if not g:
-            return updates, state
-        p_norm = torch.stack(torch._foreach_norm(spec.flatten_up_to(params))).clamp_min(min_norm)
-        g_norm = torch.stack(torch._foreach_norm(g))
+    def rescale(g: list[torch.Tensor], p: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        p_norm = torch.stack(ops.norms(p or [])).clamp_min(min_norm)
+        g_norm = torch.stack(ops.norms(g))
         ratio = torch.where(
             (p_norm > 0) & (g_norm > 0), p_norm / (g_norm + eps), torch.ones_like(p_norm)
         )
-        return unflat(spec, torch._foreach_mul(g, list(ratio.unbind()))), state
+        return ops.mul(g, list(ratio.unbind()))
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return stateless(rescale, needs_params="scale_by_trust_ratio")

@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from functional_llm import losses, tree
 from functional_llm.nn.positions import positions_like
-from functional_llm.optim.base import GradientTransformation, apply_updates
+from functional_llm.optim.base import GradientTransformation, update_and_apply
 from functional_llm.optim.clipping import clip_factor, global_norm
 from functional_llm.train import TrainState
 
@@ -228,8 +228,7 @@ class PipelineStep:
         if self.clip_norm is not None:
             factor = clip_factor(norm, self.clip_norm)
             grads = tree.map(lambda g: g * factor.to(g.dtype), grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = apply_updates(state.params, updates)
+        params, opt_state = update_and_apply(self.optimizer, state.params, grads, state.opt_state)
         loss = torch.stack(step_losses).mean() if step_losses else torch.zeros(())
         loss = self._reduce(loss.detach(), self.pp_mesh, "sum")  # only the last stage's is nonzero
         if self.dp_mesh is not None:

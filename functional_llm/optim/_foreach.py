@@ -1,0 +1,131 @@
+"""Arithmetic on lists of leaves: the one place the optimizers call ``torch._foreach_*``.
+
+Each function takes lists of tensors (the flattened leaves of a tree) and returns new ones,
+one kernel launch per operation for all leaves, as ``torch.optim``'s ``foreach`` path does.
+Scalars may be Python numbers or 0-dim tensors (what :func:`inject_hyperparams` passes); the
+functions pick the kernel that takes each. Only :func:`add_` and :func:`fused_adamw_` write
+into their arguments, and say so by their trailing underscore.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Leaves = list[torch.Tensor]
+Scalar = float | torch.Tensor
+
+
+def add(x: Leaves, y: Leaves, alpha: Scalar = 1.0) -> Leaves:
+    """``x + alpha * y`` (one pass when ``alpha`` is a Python number)."""
+    if isinstance(alpha, torch.Tensor):
+        return list(torch._foreach_add(x, torch._foreach_mul(y, alpha)))
+    return list(torch._foreach_add(x, y, alpha=alpha))
+
+
+def add_(x: Leaves, y: Leaves) -> None:
+    """``x += y`` in place."""
+    torch._foreach_add_(x, y)
+
+
+def add_scalar(x: Leaves, s: Scalar) -> Leaves:
+    """``x + s``."""
+    return list(torch._foreach_add(x, s))
+
+
+def sub(x: Leaves, y: Leaves) -> Leaves:
+    return list(torch._foreach_sub(x, y))
+
+
+def mul(x: Leaves, y: Scalar | Leaves) -> Leaves:
+    """``x * y``: ``y`` a scalar, or one scalar or tensor per leaf."""
+    return list(torch._foreach_mul(x, y))
+
+
+def div(x: Leaves, y: Scalar | Leaves) -> Leaves:
+    return list(torch._foreach_div(x, y))
+
+
+def sqrt(x: Leaves) -> Leaves:
+    return list(torch._foreach_sqrt(x))
+
+
+def sign(x: Leaves) -> Leaves:
+    return list(torch._foreach_sign(x))
+
+
+def norms(x: Leaves) -> Leaves:
+    """The L2 norm of each leaf."""
+    return list(torch._foreach_norm(x))
+
+
+def clamp(x: Leaves, low: float, high: float) -> Leaves:
+    out = torch._foreach_clamp_min(x, low)
+    torch._foreach_clamp_max_(out, high)
+    return list(out)
+
+
+def ema(avg: Leaves, new: Leaves, decay: Scalar) -> Leaves:
+    """``decay * avg + (1 - decay) * new`` (``lerp``, as torch.optim)."""
+    return list(torch._foreach_lerp(avg, new, 1.0 - decay))
+
+
+def ema_of_squares(avg: Leaves, g: Leaves, decay: Scalar) -> Leaves:
+    """``decay * avg + (1 - decay) * g^2``."""
+    out = mul(avg, decay)
+    if isinstance(decay, torch.Tensor):  # addcmul_ takes a Python scalar only
+        add_(out, mul(mul(g, g), 1.0 - decay))
+    else:
+        torch._foreach_addcmul_(out, g, g, value=1.0 - decay)
+    return out
+
+
+def adam_direction(
+    mu: Leaves, nu: Leaves, t: torch.Tensor, b1: Scalar, b2: Scalar, eps: Scalar, eps_root: Scalar
+) -> Leaves:
+    """``(mu / (1 - b1^t)) / (sqrt((nu + eps_root) / (1 - b2^t)) + eps)``, in torch.optim's
+    order of operations (bias corrections in float64, as it computes them on the host)."""
+    denom = sqrt(add_scalar(nu, eps_root) if eps_root else nu)
+    torch._foreach_div_(denom, torch.sqrt(bias_correction(b2, t)).to(mu[0].dtype))
+    torch._foreach_add_(denom, eps)
+    u = torch._foreach_div(mu, denom)
+    torch._foreach_div_(u, bias_correction(b1, t).to(mu[0].dtype))
+    return list(u)
+
+
+def bias_correction(decay: Scalar, t: torch.Tensor) -> torch.Tensor:
+    """``1 - decay^t`` in float64."""
+    return 1.0 - torch.pow(
+        torch.as_tensor(decay, dtype=torch.float64, device=t.device), t.to(torch.float64)
+    )
+
+
+def fused_adamw_(
+    p: Leaves,
+    g: Leaves,
+    mu: Leaves,
+    nu: Leaves,
+    step: torch.Tensor,
+    *,
+    lr: Scalar,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW in place with ``torch.optim.AdamW(fused=True)``'s kernel: ``p``, ``mu`` and ``nu``
+    are overwritten; ``step`` (float32) is the step number after this one."""
+    torch._fused_adamw_(
+        p,
+        g,
+        mu,
+        nu,
+        [],
+        [step] * len(p),
+        amsgrad=False,
+        lr=lr,
+        beta1=b1,
+        beta2=b2,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=False,
+    )

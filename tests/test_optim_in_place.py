@@ -1,0 +1,101 @@
+"""One optimizer protocol: ``update_and_apply`` takes an optimizer's in-place path when the
+caller donates. AdamW's (the fused kernel) follows its pure trajectory, keeps the state's
+structure, writes into the donated buffers, and leaves everything untouched without donation."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import functional_llm as fl
+from functional_llm import optim, random
+
+shapes = st.lists(
+    st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), min_size=1, max_size=3
+)
+
+
+def problem(seed, shape_list):
+    keys = random.split(random.key(seed), 2 * len(shape_list))
+    params = {f"p{i}": random.normal(keys[2 * i], s) for i, s in enumerate(shape_list)}
+    target = {f"p{i}": random.normal(keys[2 * i + 1], s) for i, s in enumerate(shape_list)}
+    return params, lambda p: fl.tree.map(lambda x, t: 2.0 * (x - t), p, target)
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    s=shapes,
+    donate=st.booleans(),
+    wd=st.sampled_from([0.0, 0.1]),
+    masked=st.booleans(),
+)
+def test_in_place_adamw_follows_adamw(seed, s, donate, wd, masked):
+    params, grad = problem(seed, s)
+    schedule = optim.warmup_cosine(1e-2, 3, 10)
+    # nanoGPT's rule: decay tensors with 2+ axes only (a callable mask, resolved once).
+    mask = (lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)) if masked else None
+    opt = optim.adamw(schedule, weight_decay=wd, mask=mask)
+    p_ref, s_ref = params, opt.init(params)
+    p_fast = fl.tree.map(torch.clone, params)
+    s_fast = opt.init(p_fast)
+    for _ in range(10):
+        u, s_ref = opt.update(grad(p_ref), s_ref, p_ref)
+        p_ref = optim.apply_updates(p_ref, u)
+        p_fast, s_fast = optim.update_and_apply(opt, p_fast, grad(p_fast), s_fast, donate=donate)
+    fl.testing.assert_trees_close(p_fast, p_ref, rtol=1e-6, atol=1e-6)
+    fl.testing.assert_trees_close(s_fast, s_ref, rtol=1e-6, atol=1e-6)  # same structure too
+    assert int(s_fast[0].count) == 10
+
+
+def test_without_donation_inputs_are_untouched():
+    params, grad = problem(0, [(3, 4), (2,)])
+    opt = optim.adamw(0.1)
+    state = opt.init(params)
+    before = fl.tree.map(torch.clone, (params, state))
+    new_params, _ = optim.update_and_apply(opt, params, grad(params), state)
+    for a, b in zip(fl.tree.leaves((params, state)), fl.tree.leaves(before), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(new_params["p0"], params["p0"])
+
+
+def test_donation_reuses_the_buffers():
+    params, grad = problem(1, [(3, 4), (2,)])
+    opt = optim.adamw(optim.warmup_cosine(0.1, 2, 5))
+    state = opt.init(params)
+    pointers = [x.data_ptr() for x in fl.tree.leaves((params, state))]
+    new_params, new_state = optim.update_and_apply(opt, params, grad(params), state, donate=True)
+    assert [x.data_ptr() for x in fl.tree.leaves((new_params, new_state))] == pointers
+
+
+@given(injected=st.booleans())
+def test_in_place_adamw_matches_torch_fused_bit_for_bit(injected):
+    params, grad = problem(2, [(5, 3)])
+    ref = [torch.nn.Parameter(params["p0"].clone())]
+    # Injected hyperparams are float32 tensors: torch gets the same float32-rounded values.
+    f32 = (lambda x: float(torch.tensor(x))) if injected else (lambda x: x)
+    torch_opt = torch.optim.AdamW(
+        ref,
+        lr=torch.tensor(1e-2) if injected else 1e-2,
+        betas=(f32(0.9), f32(0.999)),
+        eps=f32(1e-8),
+        weight_decay=f32(0.1),
+        fused=True,
+    )
+    make = optim.inject_hyperparams(optim.adamw) if injected else optim.adamw
+    opt = make(1e-2, weight_decay=0.1)  # injected: hyperparams are tensors in the state
+    p, s = fl.tree.map(torch.clone, params), opt.init(params)
+    for _ in range(5):
+        ref[0].grad = grad({"p0": ref[0].detach()})["p0"]
+        torch_opt.step()
+        p, s = optim.update_and_apply(opt, p, grad(p), s, donate=True)
+    torch.testing.assert_close(p["p0"], ref[0].detach(), rtol=0, atol=0)
+
+
+def test_an_optimizer_without_an_in_place_path_adds_into_the_donated_params():
+    params, grad = problem(3, [(4,)])
+    opt = optim.sgd(0.1, momentum=0.9)
+    assert opt.update_in_place is None
+    pointer = params["p0"].data_ptr()
+    expected, _ = optim.update_and_apply(opt, params, grad(params), opt.init(params))
+    got, _ = optim.update_and_apply(opt, params, grad(params), opt.init(params), donate=True)
+    assert got["p0"].data_ptr() == pointer
+    torch.testing.assert_close(got["p0"], expected["p0"], rtol=0, atol=0)
