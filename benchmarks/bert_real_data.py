@@ -12,31 +12,20 @@
 Each stage is the experiment script's ``main`` with the flags printed beside it; runs are
 sequential (on 2 cores two torch processes at once slow each other down many-fold).
 
-    python benchmarks/bert_real_data.py --sst2 ../shared/data/sst2 \\
+    python -m benchmarks.bert_real_data --sst2 ../shared/data/sst2 \\
         --squad ../shared/data/squad/dev-v2.0-sample.json
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(name: str, flags: list[str]) -> dict:
-    print(f"\n$ python experiments/{name}.py {' '.join(flags)}", flush=True)
-    return script(name).main(flags)
+    print(f"\n$ python -m experiments.{name} {' '.join(flags)}", flush=True)
+    return importlib.import_module(f"experiments.{name}").main(flags)
 
 
 def sst2(folder: Path, out: Path, steps: int, extra: list[str]) -> list[str]:

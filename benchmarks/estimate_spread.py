@@ -4,21 +4,18 @@ Loads the newest checkpoint of a ``pretrain_gpt.py`` run, then evaluates nanoGPT
 (the mean loss over ``--eval-iters`` random validation batches) under ``--draws`` different keys,
 next to the exact loss over the whole validation split.
 
-    python benchmarks/estimate_spread.py out/pretrain_gpt [--data FILE]   # default: the run's
+    python -m benchmarks.estimate_spread out/pretrain_gpt [--data FILE]   # default: the run's
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import functional_llm as fl
+from experiments import pretrain_gpt
 from functional_llm import checkpoint, data, losses, random, train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from nanogpt_cpu import load_experiment
 
 
 def main() -> None:
@@ -28,7 +25,7 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=50)
     p.add_argument("--eval-iters", type=int, default=20)
     args = p.parse_args()
-    exp = load_experiment()
+    exp = pretrain_gpt
     run = Path(args.run_dir)
     ckpts = checkpoint.Checkpointer(run / "checkpoints")
     meta = checkpoint.metadata(ckpts.path(ckpts.latest()))

@@ -6,8 +6,8 @@ The reference is the conventional PyTorch idiom: ``nn.Embedding`` + ``nn.Transfo
 same weights (converted with ``interop.torch_nn``) and run in the same process on the same
 batch; the script checks that their outputs agree before timing anything.
 
-    python benchmarks/forward_vs_module.py [--layers 6 --d-model 384 --heads 6 --seq 256 --batch 8]
-    python benchmarks/forward_vs_module.py --compile     # adds torch.compile of both sides
+    python -m benchmarks.forward_vs_module [--layers 6 --d-model 384 --heads 6 --seq 256 --batch 8]
+    python -m benchmarks.forward_vs_module --compile     # adds torch.compile of both sides
 
 Prints the median of ``--repeats`` timings per case and the ratio ours / reference (< 1: ours
 is faster). Absolute times on shared machines are noise; the ratio is the figure to keep.

@@ -6,7 +6,7 @@ This is the evidence behind ``functional_llm.train``'s choice. One loss + gradie
 median per case. Peak memory: each case alone in a subprocess, so that the resident memory it
 adds at its peak (Linux ``VmHWM``, reset before the call) is its own.
 
-    python benchmarks/gradient_path.py [--repeats 5]
+    python -m benchmarks.gradient_path [--repeats 5]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 # (gradient path, compiled, remat); torch.func.grad refuses remat, so it has no remat rows.
 CASES = [
@@ -52,8 +51,7 @@ def build(method: str, compiled: bool, remat: bool):
 
 
 def peak_of(case: tuple) -> float:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from step_vs_module import peak_added
+    from benchmarks.step_vs_module import peak_added
 
     return peak_added(build(*case))
 

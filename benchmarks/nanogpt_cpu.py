@@ -17,15 +17,13 @@ the same initial weights and the same batches:
 It prints, for each, the validation loss (nanoGPT's 20-batch estimate and the exact loss over the
 whole validation split) and the training-loop wall time, and the time ratio ours / reference.
 
-    python benchmarks/nanogpt_cpu.py --data ../shared/data/tinyshakespeare.txt [--flavour llama]
+    python -m benchmarks.nanogpt_cpu --data ../shared/data/tinyshakespeare.txt [--flavour llama]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -33,21 +31,11 @@ import torch
 import torch.nn.functional as F
 
 import functional_llm as fl
+from benchmarks.forward_vs_module import ModuleGPT, load_into
+from experiments import pretrain_gpt
 from functional_llm import data, random, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from forward_vs_module import ModuleGPT, load_into
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_experiment():
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_gpt", ROOT / "experiments/pretrain_gpt.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def nanogpt_lr(it: int, args) -> float:
@@ -113,7 +101,7 @@ def main() -> None:
     p.add_argument("--donate", action="store_true", help="ours with the donated fused AdamW")
     p.add_argument("--out-dir", default="out/nanogpt_cpu")
     cli = p.parse_args()
-    exp = load_experiment()
+    exp = pretrain_gpt
     flags = ["--data", cli.data, "--max-iters", str(cli.max_iters), "--no-plot"]
     args = exp.parse_args([*flags, "--out-dir", cli.out_dir])
     reference = reference_run(exp, args)

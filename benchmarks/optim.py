@@ -16,7 +16,7 @@ Peak memory: each case also runs alone in a child process, which reports its pea
 set minus its resting one after the steps (params, grads and optimizer state): the transient
 memory one update needs.
 
-    python benchmarks/optim.py [--layers 4 --vocab 50257 --repeats 7] [--no-compile]
+    python -m benchmarks.optim [--layers 4 --vocab 50257 --repeats 7] [--no-compile]
 
 Allocator settings change every figure; both sides run under the same ones, and the script
 prints the ``MALLOC_*`` variables in effect.

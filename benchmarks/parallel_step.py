@@ -1,9 +1,9 @@
 """Per-step time and communication of a sharded train step against one process.
 
-    python benchmarks/parallel_step.py                                     # 1 process
-    torchrun --nproc-per-node 2 benchmarks/parallel_step.py --mesh dp=2
-    torchrun --nproc-per-node 2 benchmarks/parallel_step.py --mesh tp=2
-    torchrun --nproc-per-node 2 benchmarks/parallel_step.py --mesh dp=2 --fsdp
+    python -m benchmarks.parallel_step                                     # 1 process
+    torchrun --nproc-per-node 2 -m benchmarks.parallel_step --mesh dp=2
+    torchrun --nproc-per-node 2 -m benchmarks.parallel_step --mesh tp=2
+    torchrun --nproc-per-node 2 -m benchmarks.parallel_step --mesh dp=2 --fsdp
 
 The model is nanoGPT's CPU config (4 layers, d 128, 4 heads, block 64, batch 12, vocab 65),
 AdamW. It prints the median step time over ``--steps`` (after ``--warmup``) and, for one

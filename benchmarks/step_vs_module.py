@@ -9,8 +9,8 @@ variant (``make_step(..., donate=True)``: AdamW's fused in-place kernel behind t
 and remat. Same weights, batch and hyperparameters; the script checks that one step
 of each lands on the same params before timing.
 
-    python benchmarks/step_vs_module.py [--layers 6 --d-model 384 --heads 6 --seq 256 --batch 8]
-    python benchmarks/step_vs_module.py --no-compile       # eager rows only
+    python -m benchmarks.step_vs_module [--layers 6 --d-model 384 --heads 6 --seq 256 --batch 8]
+    python -m benchmarks.step_vs_module --no-compile       # eager rows only
 
 Each case is timed ``--repeats`` times, interleaved with the reference; the table shows the
 median, the ratio to the reference of the same mode (< 1: ours is faster), the peak memory the
@@ -26,7 +26,6 @@ import ctypes
 import dataclasses
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,10 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import functional_llm as fl
+from benchmarks.forward_vs_module import ModuleGPT, load_into
 from functional_llm import losses, optim, random, train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from forward_vs_module import ModuleGPT, load_into
 
 _libc = ctypes.CDLL("libc.so.6")
 

@@ -1,9 +1,9 @@
 """Fine-tune a text classifier, and score it next to a bag-of-words Naive Bayes baseline.
 
-    python experiments/finetune_classify.py                            # stdlib docstring kinds
-    python experiments/finetune_classify.py --pretrained out/pretrain_bert \\
+    python -m experiments.finetune_classify                            # stdlib docstring kinds
+    python -m experiments.finetune_classify --pretrained out/pretrain_bert \\
         --train sst2/train.tsv --dev sst2/dev.tsv                      # SST-2 sentiment
-    python experiments/finetune_classify.py --backbone gpt             # a GPT classifier
+    python -m experiments.finetune_classify --backbone gpt             # a GPT classifier
 
 With no ``--train`` the task is derived from the standard library (``stdlib_text.py``): the
 first sentence of a docstring, labelled by what it documents (module, class or function);
@@ -21,17 +21,13 @@ import argparse
 import collections
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import finetune_common as common
-import stdlib_text
-
 import functional_llm as fl
+from experiments import finetune_common as common
+from experiments import stdlib_text
 from functional_llm import data, losses, metrics, random
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     texts = lambda: [e["text"] for e in train_ex] + [e.get("text_pair", "") for e in train_ex]  # noqa: E731
     tok, backbone, pretrained = common.backbone(args, texts)
-    model = fl.models.SequenceClassifier(backbone, len(labels), dropout=args.dropout)
+    model = fl.models.SequenceClassifier(backbone, num_labels=len(labels), dropout=args.dropout)
     params = common.init_params(model, pretrained, random.key(args.seed))
     encode = lambda ex: data.encode_classification(tok, ex, labels, args.max_length)  # noqa: E731
     train_f, dev_f = encode(train_ex), encode(dev_ex)

@@ -161,7 +161,7 @@ def fit(
     With ``--lora-rank`` only adapters and the head train; the backbone stays as loaded."""
     k_lora, k_train, k_data = random.split(random.key(args.seed + 1), 3)
     if args.lora_rank:
-        lora = LoRA(args.lora_rank, args.lora_alpha, targets=("backbone.*attn.[qkvo].w",
+        lora = LoRA(rank=args.lora_rank, alpha=args.lora_alpha, targets=("backbone.*attn.[qkvo].w",
                                                                "backbone.*mlp.*.w"))  # fmt: skip
         base = params
         trainable = {"adapters": lora.init(k_lora, base, head_model.axes()), "head": base["head"]}

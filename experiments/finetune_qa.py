@@ -1,9 +1,9 @@
 """Fine-tune extractive question answering (SQuAD v1.1 / v2.0) and score exact match and F1.
 
-    python experiments/finetune_qa.py                                   # stdlib cloze questions
-    python experiments/finetune_qa.py --pretrained out/pretrain_bert \\
+    python -m experiments.finetune_qa                                   # stdlib cloze questions
+    python -m experiments.finetune_qa --pretrained out/pretrain_bert \\
         --train squad/dev-v2.0-sample.json --holdout-every 5            # split one file
-    python experiments/finetune_qa.py --train train-v2.0.json --dev dev-v2.0.json
+    python -m experiments.finetune_qa --train train-v2.0.json --dev dev-v2.0.json
 
 With no ``--train`` the task is derived from the standard library (``stdlib_text.py``): cloze
 questions over runs of documentation sentences, half of them unanswerable. ``--train`` takes a
@@ -19,15 +19,11 @@ baseline that always answers "no answer".
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import finetune_common as common
-import stdlib_text
-
 import functional_llm as fl
+from experiments import finetune_common as common
+from experiments import stdlib_text
 from functional_llm import data, losses, metrics, random
 
 

@@ -1,8 +1,8 @@
 """Fine-tune a sequence labeller (BIO or BIOES tags) and score entity-level F1.
 
-    python experiments/finetune_tagging.py                              # code names in prose
-    python experiments/finetune_tagging.py --pretrained out/pretrain_bert
-    python experiments/finetune_tagging.py --train train.conll --dev dev.conll --scheme bioes
+    python -m experiments.finetune_tagging                              # code names in prose
+    python -m experiments.finetune_tagging --pretrained out/pretrain_bert
+    python -m experiments.finetune_tagging --train train.conll --dev dev.conll --scheme bioes
 
 With no ``--train`` the task is derived from the standard library (``stdlib_text.py``): words
 written as code in docstrings and reference topics (quotes removed) are ``CODE`` entities.
@@ -17,17 +17,13 @@ Writes ``metrics.jsonl``, ``curves.png`` and ``model.safetensors`` to ``--out-di
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import finetune_common as common
-import stdlib_text
-
 import functional_llm as fl
+from experiments import finetune_common as common
+from experiments import stdlib_text
 from functional_llm import data, losses, metrics, random
 
 
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     texts = lambda: [" ".join(w) for w, _ in train_s]  # noqa: E731
     tok, backbone, pretrained = common.backbone(args, texts)
-    model = fl.models.TokenClassifier(backbone, len(tags), dropout=args.dropout)
+    model = fl.models.TokenClassifier(backbone, num_labels=len(tags), dropout=args.dropout)
     params = common.init_params(model, pretrained, random.key(args.seed))
     known = [(w, [t if t in tags else "O" for t in ts]) for w, ts in dev_s]  # unseen tag: miss
     train_f = data.encode_tagging(tok, train_s, tags, args.max_length)

@@ -4,7 +4,7 @@ Sizes come from ``eval_shape`` (the meta device): no memory is allocated, so a 7
 counted in milliseconds. Then tiny instances of each family run forward eagerly and compiled,
 and ``torch.nn.Transformer`` is converted and compared on random inputs.
 
-    python experiments/model_zoo.py [--no-compile]
+    python -m experiments.model_zoo [--no-compile]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PUBLISHED = {  # name: (model, parameter count reported by its authors)
     ),
     "BERT-base (pretraining heads)": (models.BERT(models.BERTConfig.base()), 110_106_428),
     "Transformer-base (37k vocab, untied embeddings)": (
-        models.Transformer(models.TransformerConfig(37000, 37000)),
+        models.Transformer(models.TransformerConfig(src_vocab_size=37000, tgt_vocab_size=37000)),
         None,
     ),
 }

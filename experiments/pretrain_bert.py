@@ -1,9 +1,9 @@
 """Pretrain a small BERT with masked-language modelling and next-sentence prediction.
 
-    python experiments/pretrain_bert.py                                 # stdlib English prose
-    python experiments/pretrain_bert.py --data book.txt --data notes.txt
-    python experiments/pretrain_bert.py --data sst2/train.tsv --with-stdlib
-    python experiments/pretrain_bert.py --resume                        # continue the last run
+    python -m experiments.pretrain_bert                                 # stdlib English prose
+    python -m experiments.pretrain_bert --data book.txt --data notes.txt
+    python -m experiments.pretrain_bert --data sst2/train.tsv --with-stdlib
+    python -m experiments.pretrain_bert --resume                        # continue the last run
 
 With no ``--data`` the corpus is the standard library's documentation prose
 (``stdlib_text.py``: docstrings and the language reference topics; a module or a topic is a
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import finetune_common as common
-import stdlib_text
-
 import functional_llm as fl
+from experiments import finetune_common as common
+from experiments import stdlib_text
 from functional_llm import checkpoint, data, losses, metrics, optim, random, train
 from functional_llm.losses import IGNORE
 

@@ -1,11 +1,11 @@
 """Pretrain a small GPT: the project's main job.
 
-    python experiments/pretrain_gpt.py                          # the Python stdlib's own source
-    python experiments/pretrain_gpt.py --data input.txt         # any text file, char-level
-    python experiments/pretrain_gpt.py --resume                 # continue from out_dir's latest
-    python experiments/pretrain_gpt.py --compile                # the same run, one compiled step
-    torchrun --nproc-per-node 2 experiments/pretrain_gpt.py --mesh dp=2           # data parallel
-    torchrun --nproc-per-node 4 experiments/pretrain_gpt.py --mesh dp=2,tp=2 --fsdp
+    python -m experiments.pretrain_gpt                          # the Python stdlib's own source
+    python -m experiments.pretrain_gpt --data input.txt         # any text file, char-level
+    python -m experiments.pretrain_gpt --resume                 # continue from out_dir's latest
+    python -m experiments.pretrain_gpt --compile                # the same run, one compiled step
+    torchrun --nproc-per-node 2 -m experiments.pretrain_gpt --mesh dp=2           # data parallel
+    torchrun --nproc-per-node 4 -m experiments.pretrain_gpt --mesh dp=2,tp=2 --fsdp
 
 Under torchrun, ``--mesh`` names the device mesh and ``--rules`` maps logical axes to its axes
 (by default ``batch`` to ``dp``, and ``heads``, ``kv_heads``, ``mlp``, ``vocab`` to ``tp``, for
@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 import functional_llm as fl
+from experiments import stdlib_text
 from functional_llm import checkpoint, data, losses, optim, random, train
 
 
@@ -124,16 +124,14 @@ def sharding(args: argparse.Namespace, model: Any) -> fl.parallel.Plan | None:
 def stdlib_corpus(max_mb: float) -> str:
     """The standard library's ``.py`` files (tests skipped): every k-th in sorted order, about
     ``max_mb`` MB, arranged so that every tenth chosen file comes last (the validation split)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages"}
+    root = stdlib_text.stdlib_root()
     texts = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if skip.isdisjoint(rel):
-            try:
-                texts.append(f"# {'/'.join(rel)}\n{path.read_text(encoding='utf-8')}\n")
-            except (UnicodeDecodeError, OSError):
-                continue
+    for relative in stdlib_text.stdlib_sources():
+        try:
+            source = (root / relative).read_text(encoding="utf-8")
+            texts.append(f"# {relative.as_posix()}\n{source}\n")
+        except (UnicodeDecodeError, OSError):
+            continue
     stride = max(1, math.ceil(sum(map(len, texts)) / (max_mb * 1e6)))
     chosen = texts[::stride]
     held_out = [t for i, t in enumerate(chosen) if i % 10 == 9]

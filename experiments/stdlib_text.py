@@ -53,18 +53,33 @@ def sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_END.split(prose) if len(s.split()) >= 4]
 
 
+TESTS = frozenset({"test", "tests", "idle_test", "site-packages"})
+
+
+def stdlib_sources(skip: frozenset[str] = TESTS) -> list[Path]:
+    """The standard library's ``.py`` files, sorted, relative to its root (:func:`stdlib_root`),
+    leaving out any under a folder named in ``skip`` (by default the test suites)."""
+    root = stdlib_root()
+    relative = (p.relative_to(root) for p in sorted(root.rglob("*.py")))
+    return [p for p in relative if skip.isdisjoint(p.parts)]
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 @cache
 def docstrings() -> tuple[Docstring, ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "lib2to3", "turtledemo"}
-    files = [p for p in sorted(root.rglob("*.py")) if skip.isdisjoint(p.relative_to(root).parts)]
+    root = stdlib_root()
+    files = stdlib_sources(TESTS | {"lib2to3", "turtledemo"})
     out = []
-    for i, path in enumerate(files):
+    for i, relative in enumerate(files):
+        path = root / relative
         try:
             module = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
             continue
-        name = ".".join(path.relative_to(root).with_suffix("").parts)
+        name = ".".join(relative.with_suffix("").parts)
         for node in ast.walk(module):
             kinds = {ast.Module: "module", ast.ClassDef: "class", ast.FunctionDef: "function"}
             kind = kinds.get(type(node))

@@ -79,8 +79,10 @@ def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = 
             values[name] = leaf
         else:
             kind = type(leaf).__name__
-            raise TypeError(f"checkpoint.save: leaf {name!r} is a {kind}; only tensors, numbers, "
-                            "strings and bools are stored")  # fmt: skip
+            raise TypeError(
+                f"checkpoint.save: leaf {name!r} is a {kind}; only tensors, numbers, "
+                "strings and bools are stored"
+            )
     manifest = {
         "format": FORMAT,
         "library": _library_version(),
@@ -126,9 +128,12 @@ def metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(
-    path: str | os.PathLike, like: Any = None, *, device: str | torch.device = "cpu",
+    path: str | os.PathLike,
+    like: Any = None,
+    *,
+    device: str | torch.device = "cpu",
     verify: bool = True,
-) -> Any:  # fmt: skip
+) -> Any:
     """Read a checkpoint back.
 
     With ``like`` (a tree of the expected structure: e.g. a freshly initialised state) the result
@@ -166,16 +171,18 @@ def _check_fits(path: Path, got: dict[str, Any], want: dict[str, Any]) -> None:
                 f"{name}: expected {tuple(b.shape)} {b.dtype}, found {tuple(a.shape)} {a.dtype}"
             )
     if problems:
-        raise CheckpointError(f"{path} does not fit the requested tree:\n  " + "\n  ".join(
-            sorted(problems)
-        ))  # fmt: skip
+        raise CheckpointError(
+            f"{path} does not fit the requested tree:\n  " + "\n  ".join(sorted(problems))
+        )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A frozen config dataclass as JSON-ready data (dtypes as their names)."""
     fields = dataclasses.asdict(config)
-    return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
-            for k, v in fields.items()}  # fmt: skip
+    return {
+        k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+        for k, v in fields.items()
+    }
 
 
 def config_from_dict(cls: type, fields: dict[str, Any]) -> Any:

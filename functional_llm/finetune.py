@@ -25,10 +25,9 @@ from functional_llm.optim import (
     set_to_zero,
 )
 from functional_llm.tree import Pattern
+from functional_llm.types import PyTree
 
 __all__ = ["count_trainable", "freeze", "layer_index", "layerwise_decay", "with_backbone"]
-
-PyTree = Any
 
 
 def with_backbone(params: PyTree, pretrained: PyTree) -> PyTree:

@@ -21,22 +21,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from functional_llm import random, tree
+from functional_llm.types import PyTree
 
 __all__ = ["LoRA"]
-
-PyTree = Any
 
 
 def _fan_in_dims(axes: tuple[str | None, ...]) -> int:
     return 1 if axes[0] == "embed" else len(axes) - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoRA:
     """Which weights get adapters (glob patterns over dotted paths), their rank and ``alpha``."""
 

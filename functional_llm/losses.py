@@ -21,10 +21,11 @@ returns ``loss_fn(params, batch, key) -> (scalar, aux)``, the signature
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from functional_llm.types import IGNORE, Batch, LossFn, Metrics
 
 __all__ = [
     "IGNORE",
@@ -40,10 +41,7 @@ __all__ = [
     "token_classification",
 ]
 
-IGNORE = -100  # the target that is not counted (torch's and Hugging Face's convention)
-Aux = dict[str, torch.Tensor]
-Batch = Mapping[str, torch.Tensor]
-LossFn = Callable[[Any, Batch, "torch.Tensor | None"], tuple[torch.Tensor, Aux]]
+Aux = Metrics
 
 
 def cross_entropy(
@@ -178,9 +176,13 @@ def seq2seq(
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "seq2seq", "src", "tgt_in", "tgt_out")
         logits = model.apply(
-            params, batch["src"], batch["tgt_in"], src_valid=batch.get("src_valid"),
-            tgt_valid=batch.get("tgt_valid"), key=key,
-        )  # fmt: skip
+            params,
+            batch["src"],
+            batch["tgt_in"],
+            src_valid=batch.get("src_valid"),
+            tgt_valid=batch.get("tgt_valid"),
+            key=key,
+        )
         return cross_entropy(logits, batch["tgt_out"], **options)
 
     return loss_fn

@@ -31,7 +31,7 @@ is itself vmapped (ensembles) or differentiated again.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -39,9 +39,10 @@ import optree
 import torch
 
 from functional_llm import random
-from functional_llm.optim.base import GradientTransformation, PyTree, update_and_apply
+from functional_llm.optim.base import GradientTransformation, update_and_apply
 from functional_llm.optim.clipping import clip_factor, global_norm
 from functional_llm.optim.combinators import hyperparams
+from functional_llm.types import Batch, LossFn, Metrics, PyTree
 
 __all__ = [
     "Precision",
@@ -54,9 +55,6 @@ __all__ = [
     "value_and_grad",
 ]
 
-Batch = Mapping[str, torch.Tensor]
-Metrics = dict[str, torch.Tensor]
-LossFn = Callable[[PyTree, Batch, "torch.Tensor | None"], tuple[torch.Tensor, Metrics]]
 F = TypeVar("F", bound=Callable[..., Any])
 Step = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
@@ -181,9 +179,14 @@ def _mix(values: list[torch.Tensor], shares: list[torch.Tensor]) -> torch.Tensor
 
 
 def _loss_and_grads(
-    loss_fn: LossFn, params: PyTree, batch: Batch, key: torch.Tensor, k: int,
-    precision: Precision | None, method: str,
-) -> tuple[torch.Tensor, Metrics, PyTree]:  # fmt: skip
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Batch,
+    key: torch.Tensor,
+    k: int,
+    precision: Precision | None,
+    method: str,
+) -> tuple[torch.Tensor, Metrics, PyTree]:
     """Loss, aux and gradients over ``k`` micro-batches, weighted by each one's ``count``
     (counted tokens) when the loss reports it, so the result equals one batch k times larger."""
 

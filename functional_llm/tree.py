@@ -20,7 +20,8 @@ from typing import Any
 import optree
 import torch
 
-PyTree = Any
+from functional_llm.types import PyTree
+
 Pattern = str | re.Pattern[str]
 
 __all__ = [

@@ -177,13 +177,13 @@ def test_task_head_losses():
     k = random.split(random.key(3), 4)
     tokens = random.randint(k[0], (4, 8), 0, 13)
 
-    classifier = fl.models.SequenceClassifier(backbone, 3)
+    classifier = fl.models.SequenceClassifier(backbone, num_labels=3)
     params = classifier.init(k[1])
     labels = torch.tensor([0, 2, 1, 2])
     loss, _ = losses.classification(classifier)(params, {"tokens": tokens, "label": labels})
     torch.testing.assert_close(loss, F.cross_entropy(classifier.apply(params, tokens), labels))
 
-    tagger = fl.models.TokenClassifier(backbone, 5)
+    tagger = fl.models.TokenClassifier(backbone, num_labels=5)
     params = tagger.init(k[2])
     tags = torch.where(tokens % 3 == 0, IGNORE, tokens % 5)
     loss, _ = losses.token_classification(tagger)(params, {"tokens": tokens, "labels": tags})

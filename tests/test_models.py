@@ -148,8 +148,8 @@ def test_task_heads(backbone):
     x = tokens(0, (2, 6))
     valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     for head, shape in [
-        (models.SequenceClassifier(body, 3), (2, 3)),
-        (models.TokenClassifier(body, 5), (2, 6, 5)),
+        (models.SequenceClassifier(body, num_labels=3), (2, 3)),
+        (models.TokenClassifier(body, num_labels=5), (2, 6, 5)),
     ]:
         p = head.init(random.key(0))
         assert head.apply(p, x, valid=valid).shape == shape
@@ -162,7 +162,7 @@ def test_task_heads(backbone):
 
 def test_gpt_classifier_pools_the_last_real_token():
     body = gpt2()
-    head = models.SequenceClassifier(body, 3)
+    head = models.SequenceClassifier(body, num_labels=3)
     p = head.init(random.key(0))
     x = tokens(0, (1, 6))
     valid = torch.tensor([[True] * 4 + [False] * 2])
@@ -180,8 +180,18 @@ def test_gpt_classifier_pools_the_last_real_token():
         (lambda: models.GPTConfig.gpt2("huge"), "GPT-2 size"),
         (lambda: models.BERTConfig(n_layers=-1), "BERTConfig.n_layers"),
         (lambda: models.BERTConfig(activation="swish"), "BERTConfig.activation"),
-        (lambda: models.TransformerConfig(10, 10, d_model=30, nhead=4), "TransformerConfig.nhead"),
-        (lambda: models.TransformerConfig(10, 10, positions="rope"), "TransformerConfig.positions"),
+        (
+            lambda: models.TransformerConfig(
+                src_vocab_size=10, tgt_vocab_size=10, d_model=30, nhead=4
+            ),
+            "TransformerConfig.nhead",
+        ),
+        (
+            lambda: models.TransformerConfig(
+                src_vocab_size=10, tgt_vocab_size=10, positions="rope"
+            ),
+            "TransformerConfig.positions",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(make, field):

@@ -20,14 +20,16 @@ seeds = st.integers(0, 2**32 - 1)
 
 @given(seed=seeds, n_in=st.integers(1, 8), n_out=st.integers(1, 8), bias=st.booleans())
 def test_linear_equals_torch(seed, n_in, n_out, bias):
-    layer = nn.Linear(n_in, n_out, bias)
+    layer = nn.Linear(in_dims=n_in, out_dims=n_out, bias=bias)
     p = layer.init(random.key(seed))
     x = random.normal(random.key(seed + 1), (3, n_in))
     torch.testing.assert_close(layer.apply(p, x), F.linear(x, p["w"].T, p.get("b")), **TOL)
 
 
 def test_multi_axis_linear_contracts_all_input_axes():
-    layer = nn.Linear((2, 3), (4, 5), in_axes=("heads", "head_dim"), out_axes=("a", "b"))
+    layer = nn.Linear(
+        in_dims=(2, 3), out_dims=(4, 5), in_axes=("heads", "head_dim"), out_axes=("a", "b")
+    )
     p = layer.init(random.key(0))
     x = random.normal(random.key(1), (7, 2, 3))
     want = torch.einsum("nij,ijkl->nkl", x, p["w"]) + p["b"]
@@ -37,7 +39,7 @@ def test_multi_axis_linear_contracts_all_input_axes():
 @given(seed=seeds, dim=st.integers(1, 16))
 def test_norms_equal_torch(seed, dim):
     x = random.normal(random.key(seed), (2, 3, dim)) * 3 + 1
-    ln = nn.LayerNorm(dim)
+    ln = nn.LayerNorm(dim=dim)
     p = {
         "scale": random.normal(random.key(seed + 1), (dim,)),
         "bias": random.normal(random.key(seed + 2), (dim,)),
@@ -48,21 +50,21 @@ def test_norms_equal_torch(seed, dim):
     ref = torch.nn.RMSNorm(dim, eps=1e-6)
     with torch.no_grad():
         ref.weight.copy_(p["scale"])
-    torch.testing.assert_close(nn.RMSNorm(dim).apply({"scale": p["scale"]}, x), ref(x), **TOL)
+    torch.testing.assert_close(nn.RMSNorm(dim=dim).apply({"scale": p["scale"]}, x), ref(x), **TOL)
 
 
 def test_dropout_is_driven_by_the_key_only():
     x = torch.ones(10_000)
-    assert nn.dropout(x, 0.3, None) is x
+    assert nn.dropout(x, 0.3, key=None) is x
     k = random.key(0)
-    a, b = nn.dropout(x, 0.3, k), nn.dropout(x, 0.3, k)
+    a, b = nn.dropout(x, 0.3, key=k), nn.dropout(x, 0.3, key=k)
     assert torch.equal(a, b)
-    assert not torch.equal(a, nn.dropout(x, 0.3, random.key(1)))
+    assert not torch.equal(a, nn.dropout(x, 0.3, key=random.key(1)))
     kept = (a != 0).float().mean().item()
     assert abs(kept - 0.7) < 4 * math.sqrt(0.21 / 10_000)
     assert torch.equal(a[a != 0], torch.full_like(a[a != 0], 1 / 0.7))  # inverted scaling
     with pytest.raises(ValueError, match="rate"):
-        nn.Dropout(1.5)
+        nn.Dropout(rate=1.5)
 
 
 @st.composite
@@ -77,8 +79,8 @@ def attention_settings(draw):
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads(seed, s, causal):
     n_heads, n_kv, hd = s
     d = n_heads * hd
-    gqa = nn.MultiHeadAttention(d, n_heads, n_kv_heads=n_kv)
-    mha = nn.MultiHeadAttention(d, n_heads)
+    gqa = nn.MultiHeadAttention(d_model=d, n_heads=n_heads, n_kv_heads=n_kv)
+    mha = nn.MultiHeadAttention(d_model=d, n_heads=n_heads)
     p = gqa.init(random.key(seed))
     g = n_heads // n_kv
     p_mha = {
@@ -118,7 +120,7 @@ def test_sinusoidal_matches_the_paper():
 def test_padded_keys_never_change_other_positions(seed, length, data):
     valid_len = data.draw(st.integers(1, length - 1))
     valid = torch.arange(length) < valid_len
-    attn = nn.MultiHeadAttention(8, 2, rope_theta=10000.0)
+    attn = nn.MultiHeadAttention(d_model=8, n_heads=2, rope_theta=10000.0)
     p = attn.init(random.key(seed))
     x = random.normal(random.key(seed + 1), (length, 8))
     edited = torch.where(valid[:, None], x, 100 * random.normal(random.key(seed + 2), (length, 8)))
@@ -130,7 +132,7 @@ def test_padded_keys_never_change_other_positions(seed, length, data):
 
 @given(seed=seeds, causal=st.booleans())
 def test_returned_weights_are_the_softmax_used(seed, causal):
-    attn = nn.MultiHeadAttention(8, 2)
+    attn = nn.MultiHeadAttention(d_model=8, n_heads=2)
     p = attn.init(random.key(seed))
     x, mem = (
         random.normal(random.key(seed + 1), (2, 4, 8)),
@@ -148,10 +150,10 @@ def test_returned_weights_are_the_softmax_used(seed, causal):
 
 
 def test_attention_dropout_needs_a_key():
-    attn = nn.MultiHeadAttention(8, 2, dropout=0.5)
+    attn = nn.MultiHeadAttention(d_model=8, n_heads=2, dropout=0.5)
     p = attn.init(random.key(0))
     x = random.normal(random.key(1), (3, 8))
-    plain = nn.MultiHeadAttention(8, 2).apply(p, x)
+    plain = nn.MultiHeadAttention(d_model=8, n_heads=2).apply(p, x)
     torch.testing.assert_close(attn.apply(p, x), plain)
     k = random.key(2)
     assert torch.equal(attn.apply(p, x, key=k), attn.apply(p, x, key=k))
@@ -159,16 +161,17 @@ def test_attention_dropout_needs_a_key():
 
 
 LAYERS = {
-    "linear": nn.Linear(4, 6),
-    "embedding": nn.Embedding(11, 4),
-    "layernorm": nn.LayerNorm(4),
-    "rmsnorm": nn.RMSNorm(4),
-    "mha": nn.MultiHeadAttention(8, 4, n_kv_heads=2, bias=False),
-    "mlp": nn.MLP(4, 8, "swiglu"),
-    "encoder_block": nn.EncoderBlock(8, 2, 16, norm="rmsnorm"),
-    "decoder_block": nn.DecoderBlock(8, 2, 16, kv_dim=6),
+    "linear": nn.Linear(in_dims=4, out_dims=6),
+    "embedding": nn.Embedding(num=11, dim=4),
+    "layernorm": nn.LayerNorm(dim=4),
+    "rmsnorm": nn.RMSNorm(dim=4),
+    "mha": nn.MultiHeadAttention(d_model=8, n_heads=4, n_kv_heads=2, bias=False),
+    "mlp": nn.MLP(d_model=4, d_ff=8, activation="swiglu"),
+    "encoder_block": nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16, norm="rmsnorm"),
+    "decoder_block": nn.DecoderBlock(d_model=8, n_heads=2, d_ff=16, kv_dim=6),
     "encoder_decoder": nn.EncoderDecoder(
-        nn.Encoder(nn.EncoderBlock(8, 2, 16), 2), nn.Decoder(nn.DecoderBlock(8, 2, 16), 1)
+        encoder=nn.Encoder(block=nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16), n_layers=2),
+        decoder=nn.Decoder(block=nn.DecoderBlock(d_model=8, n_heads=2, d_ff=16), n_layers=1),
     ),
 }
 
@@ -201,16 +204,18 @@ def test_check_names_the_path_and_both_shapes():
 
 def test_layer_settings_are_validated():
     with pytest.raises(ValueError, match="n_kv_heads"):
-        nn.MultiHeadAttention(8, 4, n_kv_heads=3)
+        nn.MultiHeadAttention(d_model=8, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="divisible by n_heads"):
-        nn.MultiHeadAttention(10, 4)
+        nn.MultiHeadAttention(d_model=10, n_heads=4)
     with pytest.raises(ValueError, match="activation"):
-        nn.MLP(4, 8, "tanh")
+        nn.MLP(d_model=4, d_ff=8, activation="tanh")
     with pytest.raises(ValueError, match="norm must be"):
-        nn.EncoderBlock(8, 2, 16, norm="batchnorm")
+        nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16, norm="batchnorm")
     with pytest.raises(TypeError, match="boolean"):
-        nn.MultiHeadAttention(8, 2).apply(
-            nn.MultiHeadAttention(8, 2).init(random.key(0)), torch.ones(3, 8), mask=torch.ones(3, 3)
+        nn.MultiHeadAttention(d_model=8, n_heads=2).apply(
+            nn.MultiHeadAttention(d_model=8, n_heads=2).init(random.key(0)),
+            torch.ones(3, 8),
+            mask=torch.ones(3, 3),
         )
 
 

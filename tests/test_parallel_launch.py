@@ -1,4 +1,4 @@
-"""End to end: experiments/pretrain_gpt.py under torchrun with a dp=2 mesh logs the same
+"""End to end: experiments.pretrain_gpt under torchrun with a dp=2 mesh logs the same
 losses as the single-process run."""
 
 import json
@@ -27,18 +27,18 @@ def losses(out: Path) -> list[float]:
 def test_torchrun_data_parallel_matches_one_process(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    script = str(ROOT / "experiments" / "pretrain_gpt.py")
+    module = ["-m", "experiments.pretrain_gpt"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     subprocess.run(
-        [sys.executable, script, "--data", str(text), "--out-dir", str(one), *ARGS],
-        check=True, timeout=240, env=env, capture_output=True,
+        [sys.executable, *module, "--data", str(text), "--out-dir", str(one), *ARGS],
+        check=True, timeout=240, env=env, capture_output=True, cwd=ROOT,
     )  # fmt: skip
     two = tmp_path / "two"
     run = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node", "2", script, "--mesh", "dp=2",
+        ["torchrun", "--standalone", "--nproc-per-node", "2", *module, "--mesh", "dp=2",
          "--data", str(text), "--out-dir", str(two), *ARGS],
-        timeout=240, env=env, capture_output=True, text=True,
+        timeout=240, env=env, capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     want, got = losses(one), losses(two)

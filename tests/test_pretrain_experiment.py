@@ -1,25 +1,19 @@
 """The main job end to end on a tiny config: outputs written, and --resume continuing a run
 lands bitwise on the same state as the run that never stopped."""
 
-import importlib.util
+import importlib
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from functional_llm import checkpoint
 from functional_llm.testing import assert_trees_close, assert_trees_equal
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_gpt.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("pretrain_gpt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("experiments.pretrain_gpt")
 
 
 TINY = [

@@ -2,27 +2,20 @@
 tests write: outputs written, --resume exact, a pretrained backbone reused, LoRA runs saving
 only adapters and the head."""
 
-import importlib.util
+import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from functional_llm import checkpoint
 from functional_llm.testing import assert_trees_equal
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", "--no-plot",
         "--batch-size", "4"]  # fmt: skip
 
 
 def load(name):
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"experiments.{name}")
 
 
 SENTENCES = [

@@ -85,7 +85,7 @@ def _calls():
         ),
         "qa_head": (models.ExtractiveQA(b), lambda m, p, x, v: m.apply(p, x, valid=v), (x, valid)),
         "classifier_head": (
-            models.SequenceClassifier(gpt2(), 4),
+            models.SequenceClassifier(gpt2(), num_labels=4),
             lambda m, p, x, v: m.apply(p, x, valid=v),
             (x, valid),
         ),

@@ -55,9 +55,10 @@ def read_classification(
             columns = list(rows[0]) if rows else []
         else:
             reader = csv.DictReader(
-                f, delimiter="\t" if suffix == ".tsv" else ",",
+                f,
+                delimiter="\t" if suffix == ".tsv" else ",",
                 quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
-            )  # fmt: skip
+            )
             rows, columns = list(reader), list(reader.fieldnames or [])
     text_col = _pick(columns, text, TEXT_COLUMNS, path)
     if text_col is None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from functional_llm.data.subword import Encoded, SubwordTokenizer
-from functional_llm.losses import IGNORE
+from functional_llm.types import IGNORE
 
 __all__ = [
     "align_labels",

@@ -54,13 +54,15 @@ def read_squad(path: str | os.PathLike) -> list[QAExample]:
                 answers = qa.get("answers", [])
                 out.append(
                     QAExample(
-                        id=qa["id"], question=qa["question"], context=context,
+                        id=qa["id"],
+                        question=qa["question"],
+                        context=context,
                         answers=tuple(a["text"] for a in answers),
                         starts=tuple(a["answer_start"] for a in answers),
                         impossible=bool(qa.get("is_impossible", False)) or not answers,
                         article=index,
                     )
-                )  # fmt: skip
+                )
     return out
 
 
@@ -109,10 +111,12 @@ def qa_features(
                 {
                     "tokens": ids,
                     "token_types": (np.arange(len(ids)) >= len(head)).astype(np.int64),
-                    "start": start, "end": end,
-                    "example_index": index, "offsets": offsets,
+                    "start": start,
+                    "end": end,
+                    "example_index": index,
+                    "offsets": offsets,
                 }
-            )  # fmt: skip
+            )
             if last >= len(context):
                 break
             first += doc_stride

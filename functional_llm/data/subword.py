@@ -150,9 +150,12 @@ class SubwordTokenizer:
             backend.decoder = decoders.ByteLevel()
             backend.post_processor = processors.ByteLevel(trim_offsets=True)
             trainer = trainers.BpeTrainer(
-                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-            )  # fmt: skip
+                vocab_size=vocab_size,
+                min_frequency=min_frequency,
+                special_tokens=specials,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
         else:
             raise ValueError(f"SubwordTokenizer kind must be 'wordpiece' or 'bpe', got {kind!r}")
         backend.train_from_iterator(texts, trainer)
@@ -188,10 +191,11 @@ class SubwordTokenizer:
         is taken as pre-split: ``word_ids`` index the list and offsets are within each word."""
         words = not isinstance(text, str)
         return _from_hf(
-            self.backend.encode(list(text) if words else text, is_pretokenized=words,
-                                add_special_tokens=False),
+            self.backend.encode(
+                list(text) if words else text, is_pretokenized=words, add_special_tokens=False
+            ),
             segment,
-        )  # fmt: skip
+        )
 
     def encode_example(
         self,
@@ -218,8 +222,9 @@ class SubwordTokenizer:
     def special_tokens(self, role: str, token_type: int = 0, count: int = 1) -> Encoded:
         """``count`` copies of one special token as an :class:`Encoded` piece."""
         z = np.zeros(count, dtype=np.int64)
-        return Encoded(z + self.id_of(role), z + token_type, np.zeros((count, 2), np.int64),
-                       z - 1, z - 1)  # fmt: skip
+        return Encoded(
+            z + self.id_of(role), z + token_type, np.zeros((count, 2), np.int64), z - 1, z - 1
+        )
 
     def decode(self, ids: Any, skip_special: bool = True) -> str:
         ids = np.asarray(ids.tolist() if hasattr(ids, "tolist") else ids).tolist()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from functional_llm import random
-from functional_llm.losses import IGNORE
+from functional_llm.types import IGNORE
 
 __all__ = ["BatchOrder", "mask_tokens", "nsp_pairs", "pad_batch"]
 
@@ -129,8 +129,9 @@ def pad_batch(
         if values[0].ndim == 0:
             batch[name] = torch.stack(values)
             continue
-        out = torch.full((len(values), width, *values[0].shape[1:]), pads.get(name, 0),
-                         dtype=values[0].dtype)  # fmt: skip
+        out = torch.full(
+            (len(values), width, *values[0].shape[1:]), pads.get(name, 0), dtype=values[0].dtype
+        )
         for row, v in enumerate(values):
             out[row, : len(v)] = v
         batch[name] = out
@@ -179,9 +180,12 @@ class BatchOrder(torch.utils.data.Sampler):
             lengths = np.asarray(self.lengths)
             pool = self.bucket * size
             order = np.concatenate(
-                [chunk[np.argsort(lengths[chunk], kind="stable")]
-                 for chunk in np.split(order, range(pool, n, pool))] or [order]
-            )  # fmt: skip
+                [
+                    chunk[np.argsort(lengths[chunk], kind="stable")]
+                    for chunk in np.split(order, range(pool, n, pool))
+                ]
+                or [order]
+            )
         batches = [order[i : i + size].tolist() for i in range(0, n, size)]
         if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()

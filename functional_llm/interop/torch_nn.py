@@ -95,9 +95,13 @@ def from_multihead_attention(mha: nn.MultiheadAttention) -> tuple[MultiHeadAtten
         w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
     bias = mha.in_proj_bias is not None
     layer = MultiHeadAttention(
-        d, h, kv_dim=None if mha.kdim == d else mha.kdim, bias=bias, dropout=mha.dropout,
+        d_model=d,
+        n_heads=h,
+        kv_dim=None if mha.kdim == d else mha.kdim,
+        bias=bias,
+        dropout=mha.dropout,
         dtype=w_q.dtype,
-    )  # fmt: skip
+    )
     params = {
         name: {"w": _copy(w.T.reshape(w.shape[1], h, hd))}
         for name, w in zip("qkv", (w_q, w_k, w_v), strict=True)
@@ -125,9 +129,15 @@ def to_multihead_attention(
     d = layer.d_model
     kdim = layer.kv_dim or d
     mha = nn.MultiheadAttention(
-        d, layer.n_heads, dropout=layer.dropout, bias=layer.bias, kdim=kdim, vdim=kdim,
-        batch_first=batch_first, dtype=params["q"]["w"].dtype,
-    )  # fmt: skip
+        d,
+        layer.n_heads,
+        dropout=layer.dropout,
+        bias=layer.bias,
+        kdim=kdim,
+        vdim=kdim,
+        batch_first=batch_first,
+        dtype=params["q"]["w"].dtype,
+    )
     weights = [params[n]["w"].reshape(-1, d).T for n in "qkv"]
     with torch.no_grad():
         if mha._qkv_same_embed_dim:
@@ -203,7 +213,10 @@ def from_transformer(module: nn.Transformer) -> tuple[EncoderDecoder, Params]:
         raise ValueError("expected nn.Transformer's final encoder and decoder norms")
     enc_block, _ = from_encoder_layer(enc_layers[0])
     dec_block, _ = from_decoder_layer(dec_layers[0])
-    model = EncoderDecoder(Encoder(enc_block, len(enc_layers)), Decoder(dec_block, len(dec_layers)))
+    model = EncoderDecoder(
+        encoder=Encoder(block=enc_block, n_layers=len(enc_layers)),
+        decoder=Decoder(block=dec_block, n_layers=len(dec_layers)),
+    )
     params = {
         "encoder": {
             "blocks": [from_encoder_layer(m)[1] for m in enc_layers],
@@ -241,11 +254,17 @@ def _torch_layer_kwargs(block: EncoderBlock, batch_first: bool) -> dict:
     if block.activation not in ("relu", "gelu"):
         raise ValueError(f"torch.nn layers take relu or gelu, not {block.activation!r}")
     return {
-        "d_model": block.d_model, "nhead": block.n_heads, "dim_feedforward": block.d_ff,
-        "dropout": block.dropout, "activation": block.activation, "layer_norm_eps": block.norm_eps,
-        "batch_first": batch_first, "norm_first": block.norm_first, "bias": block.bias,
+        "d_model": block.d_model,
+        "nhead": block.n_heads,
+        "dim_feedforward": block.d_ff,
+        "dropout": block.dropout,
+        "activation": block.activation,
+        "layer_norm_eps": block.norm_eps,
+        "batch_first": batch_first,
+        "norm_first": block.norm_first,
+        "bias": block.bias,
         "dtype": block.dtype,
-    }  # fmt: skip
+    }
 
 
 def _load_layer(module: nn.Module, block: EncoderBlock, params: Params) -> None:

@@ -30,11 +30,12 @@ from functional_llm.nn import (
 )
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like
+from functional_llm.types import Activation
 
 __all__ = ["BERT", "BERTConfig", "BERTOutput"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BERTConfig:
     """Static settings of BERT; the defaults are BERT-base (110M parameters)."""
 
@@ -45,7 +46,7 @@ class BERTConfig:
     n_layers: int = 12
     n_heads: int = 12
     d_ff: int = 3072
-    activation: str = "gelu"
+    activation: Activation = "gelu"
     dropout: float = 0.1
     norm_eps: float = 1e-12
     init_std: float = 0.02
@@ -98,23 +99,57 @@ class BERT(Layer):
     def stack(self) -> Encoder:
         c = self.config
         block = EncoderBlock(
-            c.d_model, c.n_heads, c.d_ff, activation=c.activation, dropout=c.dropout,
-            norm_eps=c.norm_eps, w_init=Normal(c.init_std), dtype=c.dtype,
-        )  # fmt: skip
-        return Encoder(block, c.n_layers, final_norm=False, remat=c.remat)
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            d_ff=c.d_ff,
+            activation=c.activation,
+            dropout=c.dropout,
+            norm_eps=c.norm_eps,
+            w_init=Normal(c.init_std),
+            dtype=c.dtype,
+        )
+        return Encoder(block=block, n_layers=c.n_layers, final_norm=False, remat=c.remat)
 
     def _parts(self) -> dict[str, Layer]:
         c, init = self.config, Normal(self.config.init_std)
-        dense = Linear(c.d_model, c.d_model, True, ("embed",), (None,), init, dtype=c.dtype)
+        dense = Linear(
+            in_dims=c.d_model,
+            out_dims=c.d_model,
+            bias=True,
+            in_axes=("embed",),
+            out_axes=(None,),
+            w_init=init,
+            dtype=c.dtype,
+        )
         return {
-            "embed": Embedding(c.vocab_size, c.d_model, init_fn=init, dtype=c.dtype),
-            "pos": Embedding(c.max_seq_len, c.d_model, (None, "embed"), init, c.dtype),
-            "types": Embedding(c.type_vocab_size, c.d_model, (None, "embed"), init, c.dtype),
-            "embed_norm": LayerNorm(c.d_model, c.norm_eps, dtype=c.dtype),
+            "embed": Embedding(num=c.vocab_size, dim=c.d_model, init_fn=init, dtype=c.dtype),
+            "pos": Embedding(
+                num=c.max_seq_len,
+                dim=c.d_model,
+                axes_names=(None, "embed"),
+                init_fn=init,
+                dtype=c.dtype,
+            ),
+            "types": Embedding(
+                num=c.type_vocab_size,
+                dim=c.d_model,
+                axes_names=(None, "embed"),
+                init_fn=init,
+                dtype=c.dtype,
+            ),
+            "embed_norm": LayerNorm(dim=c.d_model, eps=c.norm_eps, dtype=c.dtype),
             "pooler": dense,
             "mlm_transform": dense,
-            "mlm_norm": LayerNorm(c.d_model, c.norm_eps, dtype=c.dtype),
-            "nsp": Linear(c.d_model, 2, True, ("embed",), (None,), init, dtype=c.dtype),
+            "mlm_norm": LayerNorm(dim=c.d_model, eps=c.norm_eps, dtype=c.dtype),
+            "nsp": Linear(
+                in_dims=c.d_model,
+                out_dims=2,
+                bias=True,
+                in_axes=("embed",),
+                out_axes=(None,),
+                w_init=init,
+                dtype=c.dtype,
+            ),
         }
 
     def init(self, key: torch.Tensor) -> Params:
@@ -153,7 +188,7 @@ class BERT(Layer):
             + parts["pos"].apply(params["pos"], positions_like(tokens))
             + parts["types"].apply(params["types"], types)
         )
-        h = dropout(parts["embed_norm"].apply(params["embed_norm"], h), c.dropout, k_embed)
+        h = dropout(parts["embed_norm"].apply(params["embed_norm"], h), c.dropout, key=k_embed)
         mask = None if valid is None else key_padding_mask(valid)
         h = self.stack.apply(params, h, mask=mask, key=k_stack)
         return BERTOutput(h, self.pool(params, h))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -24,13 +24,14 @@ from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.nn import Embedding, Encoder, EncoderBlock, Linear, dropout, key_padding_mask
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like, sinusoidal
+from functional_llm.types import ACTIVATION_NAMES, Activation, NormKind
 
 __all__ = ["GPT", "GPTConfig"]
 
 _GATED = ("swiglu", "geglu")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GPTConfig:
     """Static settings of a decoder-only model; validated on construction."""
 
@@ -42,8 +43,8 @@ class GPTConfig:
     n_kv_heads: int | None = None
     d_ff: int | None = None
     positions: str = "learned"
-    norm: str = "layernorm"
-    activation: str = "gelu"
+    norm: NormKind = "layernorm"
+    activation: Activation = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -62,8 +63,8 @@ class GPTConfig:
         if self.d_ff is not None:
             check_positive(self, "d_ff")
         check_choice(self, "positions", ("learned", "rope", "sinusoidal", "none"))
-        check_choice(self, "norm", ("layernorm", "rmsnorm"))
-        check_choice(self, "activation", ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"))
+        check_choice(self, "norm", get_args(NormKind))
+        check_choice(self, "activation", ACTIVATION_NAMES)
         check_rate(self, "dropout")
         if self.positions in ("rope", "sinusoidal") and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"GPTConfig.positions={self.positions!r} needs an even head dim")
@@ -98,9 +99,15 @@ class GPTConfig:
     def llama(cls, **overrides: Any) -> GPTConfig:
         """Llama's architecture (RoPE, RMSNorm, SwiGLU, no biases, untied); sizes as overrides."""
         llama = {
-            "positions": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False,
-            "tie_embeddings": False, "norm_eps": 1e-5, "vocab_size": 32000, "max_seq_len": 2048,
-        }  # fmt: skip
+            "positions": "rope",
+            "norm": "rmsnorm",
+            "activation": "swiglu",
+            "bias": False,
+            "tie_embeddings": False,
+            "norm_eps": 1e-5,
+            "vocab_size": 32000,
+            "max_seq_len": 2048,
+        }
         return cls(**{**llama, **overrides})
 
 
@@ -120,33 +127,54 @@ class GPT(Layer):
         c = self.config
         std = c.init_std
         return EncoderBlock(
-            c.d_model, c.n_heads, c.ffn_dim, c.n_kv_heads, c.activation, c.dropout, norm_first=True,
-            norm=c.norm, norm_eps=c.norm_eps, bias=c.bias,
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            d_ff=c.ffn_dim,
+            n_kv_heads=c.n_kv_heads,
+            activation=c.activation,
+            dropout=c.dropout,
+            norm_first=True,
+            norm=c.norm,
+            norm_eps=c.norm_eps,
+            bias=c.bias,
             rope_theta=c.rope_theta if c.positions == "rope" else None,
-            w_init=Normal(std), out_init=Normal(std / math.sqrt(2 * c.n_layers)), dtype=c.dtype,
-        )  # fmt: skip
+            w_init=Normal(std),
+            out_init=Normal(std / math.sqrt(2 * c.n_layers)),
+            dtype=c.dtype,
+        )
 
     @property
     def stack(self) -> Encoder:
-        return Encoder(self.block, self.config.n_layers, final_norm=True, remat=self.config.remat)
+        return Encoder(
+            block=self.block,
+            n_layers=self.config.n_layers,
+            final_norm=True,
+            remat=self.config.remat,
+        )
 
     def _parts(self) -> dict[str, Layer]:
         c = self.config
         parts: dict[str, Layer] = {
-            "embed": Embedding(c.vocab_size, c.d_model, init_fn=Normal(c.init_std), dtype=c.dtype)
+            "embed": Embedding(
+                num=c.vocab_size, dim=c.d_model, init_fn=Normal(c.init_std), dtype=c.dtype
+            )
         }
         if c.positions == "learned":
             parts["pos"] = Embedding(
-                c.max_seq_len, c.d_model, (None, "embed"), Normal(c.init_std), c.dtype
+                num=c.max_seq_len,
+                dim=c.d_model,
+                axes_names=(None, "embed"),
+                init_fn=Normal(c.init_std),
+                dtype=c.dtype,
             )
         if not c.tie_embeddings:
             parts["unembed"] = Linear(
-                c.d_model,
-                c.vocab_size,
-                False,
-                ("embed",),
-                ("vocab",),
-                Normal(c.init_std),
+                in_dims=c.d_model,
+                out_dims=c.vocab_size,
+                bias=False,
+                in_axes=("embed",),
+                out_axes=("vocab",),
+                w_init=Normal(c.init_std),
                 dtype=c.dtype,
             )
         return parts
@@ -196,6 +224,7 @@ class GPT(Layer):
         params: Params,
         tokens: torch.Tensor,
         positions: torch.Tensor,
+        *,
         key: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The blocks' input ``h_0 = E[tokens] (+ P[positions])``, with dropout under ``key``."""
@@ -206,7 +235,7 @@ class GPT(Layer):
             h = h + parts["pos"].apply(params["pos"], positions)
         elif c.positions == "sinusoidal":
             h = h + sinusoidal(positions, c.d_model).to(h.dtype)
-        return dropout(h, c.dropout, key)
+        return dropout(h, c.dropout, key=key)
 
     def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Unembed hidden states: ``(..., d_model) -> (..., vocab)``."""

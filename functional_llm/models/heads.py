@@ -9,26 +9,25 @@ fresh head is trained beside them (``tree.partition`` to freeze one part). A bac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from functional_llm.init import Normal
-from functional_llm.models.bert import BERT
-from functional_llm.models.gpt import GPT
 from functional_llm.nn import Linear, dropout
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
+from functional_llm.types import Backbone
 
 __all__ = ["ExtractiveQA", "SequenceClassifier", "SpanLogits", "TokenClassifier"]
 
-Backbone = BERT | GPT
 Key = torch.Tensor | None
 
 
 @dataclass(frozen=True)
 class _Head(Layer):
     backbone: Backbone
+    _: KW_ONLY
     num_labels: int
     dropout: float = 0.0
 
@@ -44,7 +43,13 @@ class _Head(Layer):
     def head(self) -> Linear:
         c = self.backbone.config
         return Linear(
-            c.d_model, self.num_labels, True, ("embed",), (None,), Normal(c.init_std), dtype=c.dtype
+            in_dims=c.d_model,
+            out_dims=self.num_labels,
+            bias=True,
+            in_axes=("embed",),
+            out_axes=(None,),
+            w_init=Normal(c.init_std),
+            dtype=c.dtype,
         )
 
     def init(self, key: torch.Tensor) -> Params:
@@ -80,7 +85,7 @@ class SequenceClassifier(_Head):
         self, params: Params, h: torch.Tensor, valid: torch.Tensor | None, key: Key
     ) -> torch.Tensor:
         pooled = self.backbone.pool(params["backbone"], h, valid)
-        return self.head.apply(params["head"], dropout(pooled, self.dropout, key))
+        return self.head.apply(params["head"], dropout(pooled, self.dropout, key=key))
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class TokenClassifier(_Head):
     def _output(
         self, params: Params, h: torch.Tensor, valid: torch.Tensor | None, key: Key
     ) -> torch.Tensor:
-        return self.head.apply(params["head"], dropout(h, self.dropout, key))
+        return self.head.apply(params["head"], dropout(h, self.dropout, key=key))
 
 
 class SpanLogits(NamedTuple):
@@ -114,7 +119,7 @@ class ExtractiveQA(_Head):
     def _output(
         self, params: Params, h: torch.Tensor, valid: torch.Tensor | None, key: Key
     ) -> SpanLogits:
-        logits = self.head.apply(params["head"], dropout(h, self.dropout, key))
+        logits = self.head.apply(params["head"], dropout(h, self.dropout, key=key))
         if valid is not None:
             logits = logits.masked_fill(~valid.bool()[..., None], float("-inf"))
         return SpanLogits(logits[..., 0], logits[..., 1])

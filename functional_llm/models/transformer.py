@@ -31,11 +31,12 @@ from functional_llm.nn import (
 )
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like, sinusoidal
+from functional_llm.types import ACTIVATION_NAMES, Activation
 
 __all__ = ["Transformer", "TransformerConfig"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
     """Defaults are the paper's base model and ``torch.nn.Transformer``'s."""
 
@@ -47,7 +48,7 @@ class TransformerConfig:
     num_decoder_layers: int = 6
     dim_feedforward: int = 2048
     dropout: float = 0.1
-    activation: str = "relu"
+    activation: Activation = "relu"
     norm_first: bool = False
     layer_norm_eps: float = 1e-5
     max_seq_len: int = 5000
@@ -58,12 +59,19 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         check_positive(
-            self, "src_vocab_size", "tgt_vocab_size", "d_model", "nhead", "num_encoder_layers",
-            "num_decoder_layers", "dim_feedforward", "max_seq_len",
-        )  # fmt: skip
+            self,
+            "src_vocab_size",
+            "tgt_vocab_size",
+            "d_model",
+            "nhead",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "dim_feedforward",
+            "max_seq_len",
+        )
         check_divides(self, "nhead", "d_model")
         check_rate(self, "dropout")
-        check_choice(self, "activation", ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"))
+        check_choice(self, "activation", ACTIVATION_NAMES)
         check_choice(self, "positions", ("sinusoidal", "learned"))
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise ValueError(
@@ -82,30 +90,44 @@ class Transformer(Layer):
     def core(self) -> EncoderDecoder:
         c = self.config
         kw = dict(
-            d_model=c.d_model, n_heads=c.nhead, d_ff=c.dim_feedforward, activation=c.activation,
-            dropout=c.dropout, norm_first=c.norm_first, norm_eps=c.layer_norm_eps, dtype=c.dtype,
-        )  # fmt: skip
+            d_model=c.d_model,
+            n_heads=c.nhead,
+            d_ff=c.dim_feedforward,
+            activation=c.activation,
+            dropout=c.dropout,
+            norm_first=c.norm_first,
+            norm_eps=c.layer_norm_eps,
+            dtype=c.dtype,
+        )
         return EncoderDecoder(
-            Encoder(EncoderBlock(**kw), c.num_encoder_layers, remat=c.remat),
-            Decoder(DecoderBlock(**kw), c.num_decoder_layers, remat=c.remat),
+            encoder=Encoder(block=EncoderBlock(**kw), n_layers=c.num_encoder_layers, remat=c.remat),
+            decoder=Decoder(block=DecoderBlock(**kw), n_layers=c.num_decoder_layers, remat=c.remat),
         )
 
     def _parts(self) -> dict[str, Layer]:
         c = self.config
         parts: dict[str, Layer] = {
             "src_embed": Embedding(
-                c.src_vocab_size, c.d_model, ("src_vocab", "embed"), dtype=c.dtype
+                num=c.src_vocab_size,
+                dim=c.d_model,
+                axes_names=("src_vocab", "embed"),
+                dtype=c.dtype,
             ),
-            "tgt_embed": Embedding(c.tgt_vocab_size, c.d_model, dtype=c.dtype),
+            "tgt_embed": Embedding(num=c.tgt_vocab_size, dim=c.d_model, dtype=c.dtype),
         }
         if c.positions == "learned":
             for side in ("src", "tgt"):
                 parts[f"{side}_pos"] = Embedding(
-                    c.max_seq_len, c.d_model, (None, "embed"), dtype=c.dtype
+                    num=c.max_seq_len, dim=c.d_model, axes_names=(None, "embed"), dtype=c.dtype
                 )
         if not c.tie_output:
             parts["out"] = Linear(
-                c.d_model, c.tgt_vocab_size, True, ("embed",), ("vocab",), dtype=c.dtype
+                in_dims=c.d_model,
+                out_dims=c.tgt_vocab_size,
+                bias=True,
+                in_axes=("embed",),
+                out_axes=("vocab",),
+                dtype=c.dtype,
             )
         return parts
 
@@ -127,7 +149,7 @@ class Transformer(Layer):
             h = h + parts[f"{side}_pos"].apply(params[f"{side}_pos"], pos)
         else:
             h = h + sinusoidal(pos, c.d_model).to(h.dtype)
-        return dropout(h, c.dropout, key)
+        return dropout(h, c.dropout, key=key)
 
     def encode(
         self,
@@ -159,10 +181,14 @@ class Transformer(Layer):
         k_embed, k_dec = maybe_split(key)
         h = self._embed(params, "tgt", tgt, k_embed)
         h = self.core.decoder.apply(
-            params["decoder"], h, memory, causal=True,
+            params["decoder"],
+            h,
+            memory,
+            causal=True,
             mask=None if tgt_valid is None else key_padding_mask(tgt_valid),
-            memory_mask=None if src_valid is None else key_padding_mask(src_valid), key=k_dec,
-        )  # fmt: skip
+            memory_mask=None if src_valid is None else key_padding_mask(src_valid),
+            key=k_dec,
+        )
         if self.config.tie_output:
             return self._parts()["tgt_embed"].attend(params["tgt_embed"], h)
         return self._parts()["out"].apply(params["out"], h)

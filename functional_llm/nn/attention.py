@@ -43,7 +43,7 @@ def causal_mask(
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MultiHeadAttention(Layer):
     """Projections ``q: (d_model, heads, head_dim)``, ``k, v: (kv_dim, kv_heads, head_dim)``,
     ``o: (heads, head_dim, d_model)``; ``kv_dim`` is the memory's width in cross-attention."""
@@ -90,15 +90,25 @@ class MultiHeadAttention(Layer):
         """The ``q``, ``k``, ``v`` or ``o`` projection."""
         if name == "o":
             return Linear(
-                (self.n_heads, self.dim_per_head), self.d_model, self.bias, ("heads", "head_dim"),
-                ("embed",), self.out_init or self.w_init, dtype=self.dtype,
-            )  # fmt: skip
+                in_dims=(self.n_heads, self.dim_per_head),
+                out_dims=self.d_model,
+                bias=self.bias,
+                in_axes=("heads", "head_dim"),
+                out_axes=("embed",),
+                w_init=self.out_init or self.w_init,
+                dtype=self.dtype,
+            )
         heads, axis = (self.n_heads, "heads") if name == "q" else (self.kv_heads, "kv_heads")
         width = self.d_model if name == "q" else (self.kv_dim or self.d_model)
         return Linear(
-            width, (heads, self.dim_per_head), self.bias, ("embed",), (axis, "head_dim"),
-            self.w_init, dtype=self.dtype,
-        )  # fmt: skip
+            in_dims=width,
+            out_dims=(heads, self.dim_per_head),
+            bias=self.bias,
+            in_axes=("embed",),
+            out_axes=(axis, "head_dim"),
+            w_init=self.w_init,
+            dtype=self.dtype,
+        )
 
     def init(self, key: torch.Tensor) -> Params:
         return init_all({name: self._proj(name) for name in "qkvo"}, key)
@@ -169,5 +179,5 @@ def _explicit_attention(
     weights = torch.softmax(scores, dim=-1)
     if mask is not None:
         weights = weights * mask.any(dim=-1, keepdim=True)
-    attended = dropout(weights, rate, key)
+    attended = dropout(weights, rate, key=key)
     return attended @ v, weights

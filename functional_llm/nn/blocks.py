@@ -23,13 +23,14 @@ from functional_llm.nn.dropout import dropout
 from functional_llm.nn.mlp import MLP
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
+from functional_llm.types import Activation, NormKind
 
 __all__ = ["DecoderBlock", "EncoderBlock"]
 
 Key = torch.Tensor | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncoderBlock(Layer):
     """Self-attention and MLP sub-layers; ``torch.nn.TransformerEncoderLayer``'s defaults."""
 
@@ -37,10 +38,10 @@ class EncoderBlock(Layer):
     n_heads: int
     d_ff: int
     n_kv_heads: int | None = None
-    activation: str = "relu"
+    activation: Activation = "relu"
     dropout: float = 0.0
     norm_first: bool = False
-    norm: str = "layernorm"
+    norm: NormKind = "layernorm"
     norm_eps: float = 1e-5
     bias: bool = True
     rope_theta: float | None = None
@@ -55,19 +56,31 @@ class EncoderBlock(Layer):
 
     def _attention(self, cross: bool = False) -> MultiHeadAttention:
         return MultiHeadAttention(
-            self.d_model, self.n_heads, self.n_kv_heads, bias=self.bias, dropout=self.dropout,
-            rope_theta=None if cross else self.rope_theta, w_init=self.w_init,
-            out_init=self.out_init, dtype=self.dtype,
-        )  # fmt: skip
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            bias=self.bias,
+            dropout=self.dropout,
+            rope_theta=None if cross else self.rope_theta,
+            w_init=self.w_init,
+            out_init=self.out_init,
+            dtype=self.dtype,
+        )
 
     def _norm(self) -> LayerNorm | RMSNorm:
         return make_norm(self.norm, self.d_model, self.norm_eps, self.bias, self.dtype)
 
     def _mlp(self) -> MLP:
         return MLP(
-            self.d_model, self.d_ff, self.activation, self.bias, self.dropout, self.w_init,
-            self.out_init, self.dtype,
-        )  # fmt: skip
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            activation=self.activation,
+            bias=self.bias,
+            dropout=self.dropout,
+            w_init=self.w_init,
+            out_init=self.out_init,
+            dtype=self.dtype,
+        )
 
     def _sublayers(self) -> dict[str, Layer]:
         return {
@@ -94,8 +107,10 @@ class EncoderBlock(Layer):
         """One residual sub-layer, pre- or post-norm, with dropout on its output."""
         norm = self._norm()
         if self.norm_first:
-            return x + dropout(sublayer(norm.apply(params[f"{name}_norm"], x)), self.dropout, key)
-        return norm.apply(params[f"{name}_norm"], x + dropout(sublayer(x), self.dropout, key))
+            return x + dropout(
+                sublayer(norm.apply(params[f"{name}_norm"], x)), self.dropout, key=key
+            )
+        return norm.apply(params[f"{name}_norm"], x + dropout(sublayer(x), self.dropout, key=key))
 
     def apply(
         self,
@@ -124,7 +139,7 @@ class EncoderBlock(Layer):
         )
         x = self._residual(params, "attn", x, attend, k_attn_out)
         x = self._residual(
-            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, k_mlp), k_mlp_out
+            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, key=k_mlp), k_mlp_out
         )
         return (x, weights) if return_weights else x
 
@@ -148,7 +163,7 @@ class EncoderBlock(Layer):
         return run
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecoderBlock(EncoderBlock):
     """Self-attention, cross-attention to ``memory``, then MLP; ``kv_dim`` is the memory's
     width when it differs from ``d_model``."""
@@ -203,6 +218,6 @@ class DecoderBlock(EncoderBlock):
         )
         x = self._residual(params, "cross", x, attend, k_cross_out)
         x = self._residual(
-            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, k_mlp), k_mlp_out
+            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, key=k_mlp), k_mlp_out
         )
         return (x, weights) if return_weights else x

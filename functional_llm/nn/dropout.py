@@ -15,7 +15,7 @@ from functional_llm.nn.module import Layer, Params
 __all__ = ["Dropout", "dropout"]
 
 
-def dropout(x: torch.Tensor, rate: float, key: torch.Tensor | None) -> torch.Tensor:
+def dropout(x: torch.Tensor, rate: float, *, key: torch.Tensor | None) -> torch.Tensor:
     """Zero each element with probability ``rate`` and rescale the rest; identity if no key."""
     if key is None or rate == 0.0:
         return x
@@ -25,7 +25,7 @@ def dropout(x: torch.Tensor, rate: float, key: torch.Tensor | None) -> torch.Ten
     return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Dropout(Layer):
     rate: float
 
@@ -40,6 +40,6 @@ class Dropout(Layer):
         return {}
 
     def apply(
-        self, params: Params, x: torch.Tensor, key: torch.Tensor | None = None
+        self, params: Params, x: torch.Tensor, *, key: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return dropout(x, self.rate, key)
+        return dropout(x, self.rate, key=key)

@@ -12,7 +12,7 @@ from functional_llm.nn.module import Layer, Params
 __all__ = ["Embedding"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Embedding(Layer):
     """A ``(num, dim)`` table: ``apply`` looks rows up, ``attend`` projects back onto them."""
 

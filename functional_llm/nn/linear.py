@@ -20,7 +20,7 @@ def _tuple(d: Dims) -> tuple[int, ...]:
     return (d,) if isinstance(d, int) else tuple(d)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Linear(Layer):
     """``y = x W + b`` with ``W`` of shape ``(*in_dims, *out_dims)``.
 

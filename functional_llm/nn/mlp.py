@@ -17,10 +17,11 @@ from functional_llm.init import Initializer
 from functional_llm.nn.dropout import dropout
 from functional_llm.nn.linear import Linear
 from functional_llm.nn.module import Layer, Params, axes_of, init_all
+from functional_llm.types import Activation
 
 __all__ = ["ACTIVATIONS", "MLP"]
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -31,11 +32,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _GATED = {"swiglu", "geglu"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MLP(Layer):
     d_model: int
     d_ff: int
-    activation: str = "gelu"
+    activation: Activation = "gelu"
     bias: bool = True
     dropout: float = 0.0
     w_init: Initializer | None = None
@@ -56,15 +57,21 @@ class MLP(Layer):
 
     def _layers(self) -> dict[str, Linear]:
         up = Linear(
-            self.d_model, self.d_ff, self.bias, ("embed",), ("mlp",), self.w_init, dtype=self.dtype
+            in_dims=self.d_model,
+            out_dims=self.d_ff,
+            bias=self.bias,
+            in_axes=("embed",),
+            out_axes=("mlp",),
+            w_init=self.w_init,
+            dtype=self.dtype,
         )
         down = Linear(
-            self.d_ff,
-            self.d_model,
-            self.bias,
-            ("mlp",),
-            ("embed",),
-            self.out_init or self.w_init,
+            in_dims=self.d_ff,
+            out_dims=self.d_model,
+            bias=self.bias,
+            in_axes=("mlp",),
+            out_axes=("embed",),
+            w_init=self.out_init or self.w_init,
             dtype=self.dtype,
         )
         return {"up": up, "gate": up, "down": down} if self.gated else {"up": up, "down": down}
@@ -76,9 +83,9 @@ class MLP(Layer):
         return axes_of(self._layers())
 
     def apply(
-        self, params: Params, x: torch.Tensor, key: torch.Tensor | None = None
+        self, params: Params, x: torch.Tensor, *, key: torch.Tensor | None = None
     ) -> torch.Tensor:
         layers, act = self._layers(), ACTIVATIONS[self.activation]
         h = layers["up"].apply(params["up"], x)
         h = act(layers["gate"].apply(params["gate"], x)) * h if self.gated else act(h)
-        return layers["down"].apply(params["down"], dropout(h, self.dropout, key))
+        return layers["down"].apply(params["down"], dropout(h, self.dropout, key=key))

@@ -22,10 +22,9 @@ import optree
 import torch
 
 from functional_llm import random, tree
+from functional_llm.types import Params
 
 __all__ = ["Layer", "axes_of", "check_tree", "eval_shape", "init_all", "maybe_split"]
-
-Params = Any
 
 
 def eval_shape(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from functional_llm.nn.module import Layer, Params
+from functional_llm.types import NormKind
 
 __all__ = ["LayerNorm", "RMSNorm", "make_norm"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerNorm(Layer):
     dim: int
     eps: float = 1e-5
@@ -36,7 +37,7 @@ class LayerNorm(Layer):
         return F.layer_norm(x, (self.dim,), params["scale"], params.get("bias"), self.eps)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RMSNorm(Layer):
     dim: int
     eps: float = 1e-6
@@ -53,11 +54,11 @@ class RMSNorm(Layer):
 
 
 def make_norm(
-    kind: str, dim: int, eps: float, bias: bool, dtype: torch.dtype
+    kind: NormKind, dim: int, eps: float, bias: bool, dtype: torch.dtype
 ) -> LayerNorm | RMSNorm:
     """``"layernorm"`` or ``"rmsnorm"`` by name (the configs' ``norm`` field)."""
     if kind == "layernorm":
-        return LayerNorm(dim, eps, bias, dtype)
+        return LayerNorm(dim=dim, eps=eps, bias=bias, dtype=dtype)
     if kind == "rmsnorm":
-        return RMSNorm(dim, eps, dtype)
+        return RMSNorm(dim=dim, eps=eps, dtype=dtype)
     raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")

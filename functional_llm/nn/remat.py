@@ -65,8 +65,12 @@ def remat(fn: Callable[..., Any], save: frozenset = ATTENTION_OPS) -> Callable[.
         if not torch.is_grad_enabled():
             return fn(*args, **kwargs)
         return checkpoint(
-            fn, *args, use_reentrant=False, preserve_rng_state=False, context_fn=context_fn,
+            fn,
+            *args,
+            use_reentrant=False,
+            preserve_rng_state=False,
+            context_fn=context_fn,
             **kwargs,
-        )  # fmt: skip
+        )
 
     return rematerialised

@@ -23,7 +23,7 @@ from functional_llm.nn.remat import remat
 __all__ = ["Decoder", "Encoder", "EncoderDecoder"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Encoder(Layer):
     """``n_layers`` copies of ``block`` (each with its own params), then an optional norm."""
 
@@ -88,7 +88,7 @@ class Encoder(Layer):
         return (x, weights) if return_weights else x
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decoder(Encoder):
     """A stack of :class:`DecoderBlock`, attending to an encoder's ``memory``."""
 
@@ -109,13 +109,20 @@ class Decoder(Encoder):
     ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Causal self-attention by default (``causal=False`` for a bidirectional decoder)."""
         run = lambda p, h, k: self.block.apply(  # noqa: E731
-            p, h, memory, mask=mask, causal=causal, memory_mask=memory_mask, positions=positions,
-            key=k, return_weights=return_weights,
-        )  # fmt: skip
+            p,
+            h,
+            memory,
+            mask=mask,
+            causal=causal,
+            memory_mask=memory_mask,
+            positions=positions,
+            key=k,
+            return_weights=return_weights,
+        )
         return self._run(params, x, run, key, return_weights)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncoderDecoder(Layer):
     """``torch.nn.Transformer``'s core: ``decoder(tgt, encoder(src))`` on embedded sequences.
 

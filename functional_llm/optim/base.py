@@ -31,6 +31,7 @@ import torch
 
 from functional_llm import tree
 from functional_llm.optim import _foreach
+from functional_llm.types import PyTree
 
 __all__ = [
     "EmptyState",
@@ -44,7 +45,6 @@ __all__ = [
     "update_and_apply",
 ]
 
-PyTree = Any
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 ScalarOrSchedule = float | torch.Tensor | Schedule
 MaskOrFn = PyTree | Callable[[PyTree], PyTree]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,10 +24,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
 from functional_llm import tree
+from functional_llm.types import PyTree
 
 __all__ = ["load", "save"]
-
-PyTree = Any
 
 
 def _rank() -> int:
@@ -68,9 +66,12 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     """A fresh buffer with ``x``'s layout (a DTensor keeps its mesh and placements)."""
     if isinstance(x, DTensor):
         return DTensor.from_local(
-            torch.empty_like(x.to_local()), x.device_mesh, x.placements,
-            shape=x.shape, stride=x.stride(),
-        )  # fmt: skip
+            torch.empty_like(x.to_local()),
+            x.device_mesh,
+            x.placements,
+            shape=x.shape,
+            stride=x.stride(),
+        )
     return torch.empty_like(x)
 
 

@@ -48,9 +48,14 @@ def _rep(mask: Any) -> Any:
 
 
 def _sdpa_cpu(
-    query: Any, key: Any, value: Any, dropout_p: float = 0.0, is_causal: bool = False,
-    attn_mask: Any = None, scale: float | None = None,
-) -> list[tuple[list, list]]:  # fmt: skip
+    query: Any,
+    key: Any,
+    value: Any,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    attn_mask: Any = None,
+    scale: float | None = None,
+) -> list[tuple[list, list]]:
     # inputs: query, key, value, dropout_p, is_causal, attn_mask, scale
     return [
         (outs, [*ins, None, None, m, None])
@@ -59,9 +64,17 @@ def _sdpa_cpu(
 
 
 def _sdpa_cpu_backward(
-    grad_out: Any, query: Any, key: Any, value: Any, out: Any, logsumexp: Any, dropout_p: float,
-    is_causal: bool, attn_mask: Any = None, scale: float | None = None,
-) -> list[tuple[list, list]]:  # fmt: skip
+    grad_out: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    out: Any,
+    logsumexp: Any,
+    dropout_p: float,
+    is_causal: bool,
+    attn_mask: Any = None,
+    scale: float | None = None,
+) -> list[tuple[list, list]]:
     # inputs: grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, attn_mask, scale
     return [
         (outs, [*ins, None, None, m, None])

@@ -36,11 +36,11 @@ from functional_llm.nn.positions import positions_like
 from functional_llm.optim.base import GradientTransformation, update_and_apply
 from functional_llm.optim.clipping import clip_factor, global_norm
 from functional_llm.train import TrainState
+from functional_llm.types import PyTree
 
 __all__ = ["SCHEDULES", "PipelineStep", "Stage", "StageModule", "gpt_stages"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-PyTree = Any
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,11 @@ from functional_llm import tree
 from functional_llm.parallel import ops
 from functional_llm.parallel.mesh import mesh_shape
 from functional_llm.parallel.rules import Rules, as_mesh_axes, placements
+from functional_llm.types import PyTree
 
 __all__ = ["ACTIVATION_AXES", "Plan", "local"]
 
 ACTIVATION_AXES = ("batch",)  # logical axes of activations and batches rather than params
-PyTree = Any
 
 
 def local(tree_: PyTree) -> PyTree:
@@ -213,10 +213,16 @@ class Plan:
         for path, x in tree.flatten(params).items():
             shape = _local_shape(x.shape, stored[path], list(sizes.values()))
             per_rank += math.prod(shape) * x.element_size()
-            rows.append((
-                path, str(tuple(x.shape)), str(self._flat_axes[path]), _fmt(stored[path], sizes),
-                "" if compute[path] == stored[path] else _fmt(compute[path], sizes), str(shape),
-            ))  # fmt: skip
+            rows.append(
+                (
+                    path,
+                    str(tuple(x.shape)),
+                    str(self._flat_axes[path]),
+                    _fmt(stored[path], sizes),
+                    "" if compute[path] == stored[path] else _fmt(compute[path], sizes),
+                    str(shape),
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
@@ -240,9 +246,13 @@ def _to(x: Any, mesh: DeviceMesh, where: tuple[Placement, ...], batch_dims: set[
     if not any(isinstance(x.placements[d], Replicate) for d in batch_dims):
         return x
     return DTensor.from_local(
-        x.to_local(grad_placements=x.placements), mesh, where, run_check=False,
-        shape=x.shape, stride=x.stride(),
-    )  # fmt: skip
+        x.to_local(grad_placements=x.placements),
+        mesh,
+        where,
+        run_check=False,
+        shape=x.shape,
+        stride=x.stride(),
+    )
 
 
 def _param_of(path: str, params: Mapping[str, Any]) -> str | None:
