@@ -55,7 +55,8 @@ class CheckpointError(ValueError):
 
 
 def _crc(x: torch.Tensor) -> int:
-    return zlib.crc32(x.reshape(-1).view(torch.uint8).numpy())
+    data = memoryview(x.reshape(-1).view(torch.uint8).numpy())  # pyright: ignore[reportArgumentType]
+    return zlib.crc32(data)  # (an ndarray is a buffer; numpy's stub does not say so)
 
 
 def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = None) -> Path:

@@ -31,6 +31,7 @@ is itself vmapped (ensembles) or differentiated again.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
@@ -175,7 +176,9 @@ def _shares(counts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _mix(values: list[torch.Tensor], shares: list[torch.Tensor]) -> torch.Tensor:
     """The share-weighted mean of scalar metrics, in float32."""
-    return sum(v.float() * w for v, w in zip(values, shares, strict=True))
+    return functools.reduce(
+        operator.add, [v.float() * w for v, w in zip(values, shares, strict=True)]
+    )
 
 
 def _loss_and_grads(

@@ -171,14 +171,20 @@ class SubwordTokenizer:
         """The id of a special token by role: ``pad unk cls sep mask bos eos``."""
         if role not in SPECIALS:
             raise KeyError(f"unknown special-token role {role!r}; roles: {sorted(SPECIALS)}")
-        return self.backend.token_to_id(SPECIALS[role])
+        i = self.backend.token_to_id(SPECIALS[role])
+        if i is None:
+            raise KeyError(f"the tokenizer has no {SPECIALS[role]!r} token (role {role!r})")
+        return i
 
     @property
     def special_ids(self) -> list[int]:
         return sorted({self.id_of(role) for role in SPECIALS})
 
     def token(self, i: int) -> str:
-        return self.backend.id_to_token(i)
+        token = self.backend.id_to_token(i)
+        if token is None:
+            raise IndexError(f"token id {i} is outside the vocabulary of {self.vocab_size}")
+        return token
 
     # -- encoding -----------------------------------------------------------------------------
 

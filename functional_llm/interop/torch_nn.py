@@ -15,6 +15,8 @@ eval mode; the params are fresh copies (later changes to the module don't reach 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,16 @@ __all__ = [
     "to_multihead_attention",
     "to_transformer",
 ]
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _as(child: object, kind: type[M]) -> M:
+    """A sub-module of a torch module, checked to be the ``kind`` this converter reads."""
+    if not isinstance(child, kind):
+        raise TypeError(f"expected a {kind.__name__} here, got {type(child).__name__}")
+    return child
 
 
 def mask_from_torch(
@@ -211,6 +223,8 @@ def from_transformer(module: nn.Transformer) -> tuple[EncoderDecoder, Params]:
     enc_layers, dec_layers = module.encoder.layers, module.decoder.layers
     if module.encoder.norm is None or module.decoder.norm is None:
         raise ValueError("expected nn.Transformer's final encoder and decoder norms")
+    enc_layers = [_as(m, nn.TransformerEncoderLayer) for m in enc_layers]
+    dec_layers = [_as(m, nn.TransformerDecoderLayer) for m in dec_layers]
     enc_block, _ = from_encoder_layer(enc_layers[0])
     dec_block, _ = from_decoder_layer(dec_layers[0])
     model = EncoderDecoder(
@@ -220,11 +234,11 @@ def from_transformer(module: nn.Transformer) -> tuple[EncoderDecoder, Params]:
     params = {
         "encoder": {
             "blocks": [from_encoder_layer(m)[1] for m in enc_layers],
-            "norm": _norm(module.encoder.norm),
+            "norm": _norm(_as(module.encoder.norm, nn.LayerNorm)),
         },
         "decoder": {
             "blocks": [from_decoder_layer(m)[1] for m in dec_layers],
-            "norm": _norm(module.decoder.norm),
+            "norm": _norm(_as(module.decoder.norm, nn.LayerNorm)),
         },
     }
     return model, params
@@ -271,16 +285,16 @@ def _load_layer(module: nn.Module, block: EncoderBlock, params: Params) -> None:
     """Copy ``params`` into an encoder or decoder layer built by the ``to_*`` functions."""
     with torch.no_grad():
         self_attn = to_multihead_attention(block._attention(), params["attn"])
-        module.self_attn.load_state_dict(self_attn.state_dict())
+        _as(module.self_attn, nn.Module).load_state_dict(self_attn.state_dict())
         norm_names = ["attn_norm", "mlp_norm"]
         if "cross" in params:
             cross = to_multihead_attention(block._attention(cross=True), params["cross"])
-            module.multihead_attn.load_state_dict(cross.state_dict())
+            _as(module.multihead_attn, nn.Module).load_state_dict(cross.state_dict())
             norm_names.insert(1, "cross_norm")
         for i, name in enumerate(norm_names, start=1):
             _load_norm(getattr(module, f"norm{i}"), params[name])
-        _load_linear(module.linear1, params["mlp"]["up"])
-        _load_linear(module.linear2, params["mlp"]["down"])
+        _load_linear(_as(module.linear1, nn.Linear), params["mlp"]["up"])
+        _load_linear(_as(module.linear2, nn.Linear), params["mlp"]["down"])
 
 
 def to_encoder_layer(
@@ -317,6 +331,6 @@ def to_transformer(
     for layer, p in zip(module.decoder.layers, params["decoder"]["blocks"], strict=True):
         _load_layer(layer, dec.block, p)
     with torch.no_grad():
-        _load_norm(module.encoder.norm, params["encoder"]["norm"])
-        _load_norm(module.decoder.norm, params["decoder"]["norm"])
+        _load_norm(_as(module.encoder.norm, nn.LayerNorm), params["encoder"]["norm"])
+        _load_norm(_as(module.decoder.norm, nn.LayerNorm), params["decoder"]["norm"])
     return module

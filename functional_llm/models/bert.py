@@ -10,7 +10,7 @@ nsp_logits = W_nsp pooled + b_nsp                              is-next-sentence 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +190,7 @@ class BERT(Layer):
         )
         h = dropout(parts["embed_norm"].apply(params["embed_norm"], h), c.dropout, key=k_embed)
         mask = None if valid is None else key_padding_mask(valid)
-        h = self.stack.apply(params, h, mask=mask, key=k_stack)
+        h = cast(torch.Tensor, self.stack.apply(params, h, mask=mask, key=k_stack))
         return BERTOutput(h, self.pool(params, h))
 
     def pool(
@@ -208,7 +208,7 @@ class BERT(Layer):
         parts, mlm = self._parts(), params["mlm"]
         t = F.gelu(parts["mlm_transform"].apply(mlm["transform"], h))
         t = parts["mlm_norm"].apply(mlm["norm"], t)
-        return parts["embed"].attend(params["embed"], t) + mlm["bias"]
+        return Embedding.attend(params["embed"], t) + mlm["bias"]
 
     def nsp_logits(self, params: Params, pooled: torch.Tensor) -> torch.Tensor:
         """Next-sentence scores ``(..., 2)``: index 0 "is next", 1 "is random" (BERT's order)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import torch
 
@@ -240,7 +240,7 @@ class GPT(Layer):
     def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Unembed hidden states: ``(..., d_model) -> (..., vocab)``."""
         if self.config.tie_embeddings:
-            return self._parts()["embed"].attend(params["embed"], h)
+            return Embedding.attend(params["embed"], h)
         return self._parts()["unembed"].apply(params["unembed"], h)
 
     def apply(
@@ -253,9 +253,8 @@ class GPT(Layer):
         key: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(..., T, vocab)``: position ``t`` sees ``tokens[..., :t+1]`` only."""
-        return self.logits(
-            params, self.hidden_states(params, tokens, valid=valid, positions=positions, key=key)
-        )
+        h = self.hidden_states(params, tokens, valid=valid, positions=positions, key=key)
+        return self.logits(params, cast(torch.Tensor, h))
 
     def pool(
         self, params: Params, h: torch.Tensor, valid: torch.Tensor | None = None

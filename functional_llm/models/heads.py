@@ -9,8 +9,9 @@ fresh head is trained beside them (``tree.partition`` to freeze one part). A bac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -30,6 +31,8 @@ class _Head(Layer):
     _: KW_ONLY
     num_labels: int
     dropout: float = 0.0
+    # Each head defines ``_output(params, h, valid, key)``: the backbone's states to its output.
+    _output: ClassVar[Callable[..., Any]]
 
     def __post_init__(self) -> None:
         if self.num_labels <= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 
@@ -34,6 +35,8 @@ from functional_llm.nn.positions import positions_like, sinusoidal
 from functional_llm.types import ACTIVATION_NAMES, Activation
 
 __all__ = ["Transformer", "TransformerConfig"]
+
+B = TypeVar("B", bound=EncoderBlock)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +92,19 @@ class Transformer(Layer):
     @property
     def core(self) -> EncoderDecoder:
         c = self.config
-        kw = dict(
+        return EncoderDecoder(
+            encoder=Encoder(
+                block=self._block(EncoderBlock), n_layers=c.num_encoder_layers, remat=c.remat
+            ),
+            decoder=Decoder(
+                block=self._block(DecoderBlock), n_layers=c.num_decoder_layers, remat=c.remat
+            ),
+        )
+
+    def _block(self, kind: type[B]) -> B:
+        """An encoder or decoder block with the config's settings (``torch.nn``'s layers)."""
+        c = self.config
+        return kind(
             d_model=c.d_model,
             n_heads=c.nhead,
             d_ff=c.dim_feedforward,
@@ -98,10 +113,6 @@ class Transformer(Layer):
             norm_first=c.norm_first,
             norm_eps=c.layer_norm_eps,
             dtype=c.dtype,
-        )
-        return EncoderDecoder(
-            encoder=Encoder(block=EncoderBlock(**kw), n_layers=c.num_encoder_layers, remat=c.remat),
-            decoder=Decoder(block=DecoderBlock(**kw), n_layers=c.num_decoder_layers, remat=c.remat),
         )
 
     def _parts(self) -> dict[str, Layer]:
@@ -164,7 +175,9 @@ class Transformer(Layer):
         k_embed, k_enc = maybe_split(key)
         mask = None if src_valid is None else key_padding_mask(src_valid)
         h = self._embed(params, "src", src, k_embed)
-        return self.core.encoder.apply(params["encoder"], h, mask=mask, key=k_enc)
+        return cast(
+            torch.Tensor, self.core.encoder.apply(params["encoder"], h, mask=mask, key=k_enc)
+        )
 
     def decode(
         self,
@@ -189,8 +202,9 @@ class Transformer(Layer):
             memory_mask=None if src_valid is None else key_padding_mask(src_valid),
             key=k_dec,
         )
+        h = cast(torch.Tensor, h)
         if self.config.tie_output:
-            return self._parts()["tgt_embed"].attend(params["tgt_embed"], h)
+            return Embedding.attend(params["tgt_embed"], h)
         return self._parts()["out"].apply(params["out"], h)
 
     def apply(

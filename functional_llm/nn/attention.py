@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,7 @@ class MultiHeadAttention(Layer):
         # grouped-query attention after a step). One copy of the attention output per layer.
         out = out.transpose(-3, -2).clone(memory_format=torch.contiguous_format)
         y = self._proj("o").apply(params["o"], out)
-        return (y, weights) if return_weights else y
+        return (y, cast(torch.Tensor, weights)) if return_weights else y  # explicit path: weights
 
 
 def _explicit_attention(

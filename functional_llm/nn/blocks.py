@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 
@@ -149,7 +150,7 @@ class EncoderBlock(Layer):
         name: str,
         weights: dict[str, torch.Tensor],
         return_weights: bool,
-        **kw: object,
+        **kw: Any,
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """Attention sub-layer ``name`` as a function; its weights go to ``weights[name]``."""
         layer = self._attention(cross=name == "cross")
@@ -158,7 +159,7 @@ class EncoderBlock(Layer):
             out = layer.apply(params[name], h, return_weights=return_weights, **kw)
             if return_weights:
                 out, weights[name] = out
-            return out
+            return cast(torch.Tensor, out)
 
         return run
 

@@ -39,6 +39,7 @@ class Embedding(Layer):
         """``table[ids]``: ``(...,)`` integer ids to ``(..., dim)`` vectors."""
         return params["table"][ids]
 
-    def attend(self, params: Params, h: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def attend(params: Params, h: torch.Tensor) -> torch.Tensor:
         """Tied unembedding: ``(..., dim) -> (..., num)`` scores ``h @ table^T``."""
         return h @ params["table"].T

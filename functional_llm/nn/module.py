@@ -15,7 +15,7 @@ A layer is a frozen dataclass of its static settings with three methods:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optree
@@ -34,9 +34,10 @@ def eval_shape(fn: Any, *args: Any, **kwargs: Any) -> Any:
     7B-parameter model in well under a second.
     """
     to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-    args, kwargs = optree.tree_map(to_meta, (args, kwargs))
+    meta_args = [optree.tree_map(to_meta, a) for a in args]
+    meta_kwargs = {k: optree.tree_map(to_meta, v) for k, v in kwargs.items()}
     with torch.device("meta"):
-        return fn(*args, **kwargs)
+        return fn(*meta_args, **meta_kwargs)
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,6 +97,12 @@ def maybe_split(key: torch.Tensor | None, n: int = 2) -> list[torch.Tensor | Non
 
 class Layer:
     """Base for layers (frozen dataclasses defining ``init``, ``apply`` and ``axes``)."""
+
+    # Each layer defines these (the protocol at the top of this module); declared here so code
+    # holding any ``Layer`` type-checks. ``apply``'s inputs differ from layer to layer.
+    init: Callable[[torch.Tensor], Params]
+    axes: Callable[[], Params]
+    apply: Callable[..., Any]
 
     def shapes(self) -> Params:
         """The params tree as meta tensors (shapes and dtypes only); a fresh tree each call, built

@@ -11,7 +11,7 @@ recomputed in the backward pass instead of kept, for about one more forward pass
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -153,8 +153,10 @@ class EncoderDecoder(Layer):
     ) -> torch.Tensor:
         """``src: (..., S, d)``, ``tgt: (..., T, d)`` to ``(..., T, d)``."""
         k_enc, k_dec = maybe_split(key)
-        memory = self.encoder.apply(params["encoder"], src, mask=src_mask, key=k_enc)
-        return self.decoder.apply(
+        memory = cast(
+            torch.Tensor, self.encoder.apply(params["encoder"], src, mask=src_mask, key=k_enc)
+        )
+        out = self.decoder.apply(
             params["decoder"],
             tgt,
             memory,
@@ -163,3 +165,4 @@ class EncoderDecoder(Layer):
             memory_mask=memory_mask,
             key=k_dec,
         )
+        return cast(torch.Tensor, out)

@@ -66,7 +66,8 @@ def clamp(x: Leaves, low: float, high: float) -> Leaves:
 
 def ema(avg: Leaves, new: Leaves, decay: Scalar) -> Leaves:
     """``decay * avg + (1 - decay) * new`` (``lerp``, as torch.optim)."""
-    return list(torch._foreach_lerp(avg, new, 1.0 - decay))
+    weight = 1.0 - decay  # a 0-dim tensor weight works at run time; torch's stub lists floats
+    return list(torch._foreach_lerp(avg, new, weight))  # pyright: ignore[reportCallIssue,reportArgumentType]
 
 
 def ema_of_squares(avg: Leaves, g: Leaves, decay: Scalar) -> Leaves:

@@ -23,6 +23,7 @@ from functional_llm.optim.base import (
     identity,
     per_structure,
     unflat,
+    up_to,
 )
 from functional_llm.optim.factored import (
     clip_by_block_rms,
@@ -117,8 +118,8 @@ def adamw(
         p, spec = flat(params)
         if not p:
             return params, state
-        g = spec.flatten_up_to(grads)
-        mu, nu = spec.flatten_up_to(adam.mu), spec.flatten_up_to(adam.nu)
+        g = up_to(spec, grads)
+        mu, nu = up_to(spec, adam.mu), up_to(spec, adam.nu)
         if callable(learning_rate):
             lr = torch.as_tensor(learning_rate(lr_state.count))
             lr_state = ScaleByScheduleState(lr_state.count.add_(1))
@@ -126,7 +127,7 @@ def adamw(
             lr = learning_rate
         count = adam.count.add_(1)
         step = count.to(torch.float32)  # the fused kernel's step type
-        decayed = [bool(d) for d in spec.flatten_up_to(decays(params))]
+        decayed = [bool(d) for d in up_to(spec, decays(params))]
         for wd in {float(weight_decay) if d else 0.0 for d in decayed}:
             group = [i for i, d in enumerate(decayed) if (float(weight_decay) if d else 0.0) == wd]
             pick = lambda xs, group=group: [xs[i] for i in group]  # noqa: E731

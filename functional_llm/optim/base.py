@@ -23,8 +23,8 @@ transform without state from a function of the leaves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, cast
 
 import optree
 import torch
@@ -83,10 +83,14 @@ def flat(tree: PyTree) -> tuple[list[torch.Tensor], optree.PyTreeSpec]:
     return optree.tree_flatten(tree)
 
 
-def unflat(
-    spec: optree.PyTreeSpec, leaves: list[torch.Tensor] | tuple[torch.Tensor, ...]
-) -> PyTree:
+def unflat(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> PyTree:
     return optree.tree_unflatten(spec, list(leaves))
+
+
+def up_to(spec: optree.PyTreeSpec, tree: PyTree) -> list[torch.Tensor]:
+    """``tree``'s subtrees at ``spec``'s leaves (tensors, where ``tree`` mirrors ``spec``'s
+    tree: a state's moments, the gradients of params)."""
+    return cast(list[torch.Tensor], spec.flatten_up_to(tree))
 
 
 def zeros_like(tree: PyTree) -> PyTree:
@@ -149,7 +153,7 @@ def apply_updates(params: PyTree, updates: PyTree, *, donate: bool = False) -> P
     param unchanged. ``donate=True``: ``params`` is consumed and the sums are written into its
     buffers (no fresh params-sized allocations); the default leaves it untouched."""
     p, spec = flat(params)
-    u = spec.flatten_up_to(updates)
+    u = up_to(spec, updates)
     present = [i for i, x in enumerate(u) if x is not None]
     if not present:
         return params
@@ -184,12 +188,12 @@ def update_and_apply(
 
 
 def stateless(
-    fn: Callable[[list[torch.Tensor], list[torch.Tensor] | None], list[torch.Tensor]],
+    fn: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]],
     *,
     needs_params: str | None = None,
 ) -> GradientTransformation:
     """A transformation without state from ``fn(update_leaves, param_leaves) -> new leaves``
-    (holes skipped; ``param_leaves`` is None when no params were given). ``needs_params``, the
+    (holes skipped; ``param_leaves`` is empty when no params were given). ``needs_params``, the
     transform's name, makes a call without params an error that names it."""
 
     def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
@@ -198,7 +202,7 @@ def stateless(
         g, spec = flat(updates)
         if not g:
             return updates, state
-        p = None if params is None else spec.flatten_up_to(params)
+        p = [] if params is None else up_to(spec, params)
         return unflat(spec, fn(g, p)), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
@@ -206,7 +210,11 @@ def stateless(
 
 def identity() -> GradientTransformation:
     """Leaves updates as they are."""
-    return GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None, **_: (u, s))
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None, **_: Any) -> tuple:
+        return updates, state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
 
 
 def set_to_zero() -> GradientTransformation:

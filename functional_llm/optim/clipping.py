@@ -53,7 +53,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale all updates by ``min(1, max_norm / (||g|| + 1e-6))``, as
     ``torch.nn.utils.clip_grad_norm_``; the norm is over the leaves this transform sees."""
 
-    def rescale(g: list[torch.Tensor], p: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    def rescale(g: list[torch.Tensor], p: list[torch.Tensor]) -> list[torch.Tensor]:
         factor = clip_factor(torch.linalg.vector_norm(torch.stack(ops.norms(g))), max_norm)
         return ops.mul(g, factor.to(g[0].dtype))
 

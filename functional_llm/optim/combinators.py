@@ -25,13 +25,13 @@ from functional_llm.optim.base import (
     GradientTransformation,
     MaskOrFn,
     PyTree,
-    as_schedule,
     counter,
     first_device,
     flat,
     per_structure,
     step_if,
     unflat,
+    up_to,
     update_and_apply,
     zeros_like,
 )
@@ -80,7 +80,7 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
     return GradientTransformation(init, update)
 
 
-def labels_by_path(rules: Mapping[str, str], default: str) -> Callable[[PyTree], PyTree]:
+def labels_by_path(rules: Mapping[tree.Pattern, str], default: str) -> Callable[[PyTree], PyTree]:
     """A labelling function for :func:`multi_transform`: each leaf gets the label of the first
     glob pattern its dotted path matches (``{"*norm*": "no_decay", "*.b": "no_decay"}``)."""
 
@@ -163,7 +163,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     ) -> tuple:
         g, spec = flat(updates)
         j = state.mini_step + 1
-        acc = spec.flatten_up_to(state.acc_grads)
+        acc = up_to(spec, state.acc_grads)
         mean = ops.add(acc, ops.div(ops.sub(g, acc), j.to(g[0].dtype)))
         new_updates, new_inner = inner.update(
             unflat(spec, mean), state.inner_state, params, **extra
@@ -225,7 +225,7 @@ def inject_hyperparams(
             out = {}
             for k, v in numeric.items():
                 if k in schedules:
-                    out[k] = torch.as_tensor(as_schedule(v)(count), dtype=torch.float32)
+                    out[k] = torch.as_tensor(schedules[k](count), dtype=torch.float32)
                 else:
                     out[k] = (
                         current[k]

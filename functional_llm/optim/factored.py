@@ -12,7 +12,7 @@ Memory is ``O(r + c)`` instead of ``O(r c)`` per matrix.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -24,6 +24,7 @@ from functional_llm.optim.base import (
     first_device,
     flat,
     unflat,
+    up_to,
 )
 
 __all__ = [
@@ -80,7 +81,8 @@ def scale_by_factored_rms(
         t = (state.count + 1 - step_offset).to(torch.float64)  # a scalar: float64 costs nothing
         decay = 1.0 - t.pow(-decay_rate)
         new_v, out = [], []
-        for x, v in zip(g, spec.flatten_up_to(state.v), strict=True):
+        moments = cast(list[dict[str, torch.Tensor]], spec.flatten_up_to(state.v))
+        for x, v in zip(g, moments, strict=True):
             sq = x * x + epsilon
             dims = _factored_dims(x.shape, factored, min_dim_size_to_factor)
             if dims is None:
@@ -123,7 +125,7 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
                 "scale_by_param_block_rms needs params: call update(grads, state, params)"
             )
         g, spec = flat(updates)
-        p = spec.flatten_up_to(params)
+        p = up_to(spec, params)
         return unflat(
             spec, [x * _rms(w).clamp(min=min_scale) for x, w in zip(g, p, strict=True)]
         ), state

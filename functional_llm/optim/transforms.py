@@ -26,6 +26,7 @@ from functional_llm.optim.base import (
     flat,
     stateless,
     unflat,
+    up_to,
     zeros_like,
 )
 from functional_llm.optim.combinators import masked
@@ -114,8 +115,8 @@ def scale_by_adam(
         if not g:
             return updates, state
         t = state.count + 1
-        mu = ops.ema(spec.flatten_up_to(state.mu), g, b1)
-        nu = ops.ema_of_squares(spec.flatten_up_to(state.nu), g, b2)
+        mu = ops.ema(up_to(spec, state.mu), g, b1)
+        nu = ops.ema_of_squares(up_to(spec, state.nu), g, b2)
         u = ops.adam_direction(mu, nu, t, b1, b2, eps, eps_root)
         return unflat(spec, u), ScaleByAdamState(t, unflat(spec, mu), unflat(spec, nu))
 
@@ -145,12 +146,12 @@ def scale_by_rms(
         g, spec = flat(updates)
         if not g:
             return updates, state
-        nu = ops.ema_of_squares(spec.flatten_up_to(state.nu), g, decay)
-        mu = ops.ema(spec.flatten_up_to(state.mu), g, decay) if centered else None
+        nu = ops.ema_of_squares(up_to(spec, state.nu), g, decay)
+        mu = ops.ema(up_to(spec, state.mu), g, decay) if centered else None
         var = ops.sub(nu, ops.mul(mu, mu)) if centered and mu is not None else nu
         u = ops.div(g, ops.add_scalar(ops.sqrt(var), eps))
         return unflat(spec, u), ScaleByRmsState(
-            unflat(spec, nu), unflat(spec, mu) if centered else None
+            unflat(spec, nu), None if mu is None else unflat(spec, mu)
         )
 
     return GradientTransformation(init, update)
@@ -177,7 +178,7 @@ def scale_by_rss(
         g, spec = flat(updates)
         if not g:
             return updates, state
-        s = ops.add(spec.flatten_up_to(state.sum_of_squares), ops.mul(g, g))
+        s = ops.add(up_to(spec, state.sum_of_squares), ops.mul(g, g))
         u = ops.div(g, ops.add_scalar(ops.sqrt(s), eps))
         return unflat(spec, u), ScaleByRssState(unflat(spec, s))
 
@@ -203,7 +204,7 @@ def scale_by_lion(b1: Scalar = 0.9, b2: Scalar = 0.99) -> GradientTransformation
         g, spec = flat(updates)
         if not g:
             return updates, state
-        m = spec.flatten_up_to(state.mu)
+        m = up_to(spec, state.mu)
         u = ops.sign(ops.ema(m, g, b1))
         return unflat(spec, u), ScaleByLionState(unflat(spec, ops.ema(m, g, b2)))
 
@@ -225,7 +226,7 @@ def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
         g, spec = flat(updates)
         if not g:
             return updates, state
-        b = ops.add(g, spec.flatten_up_to(state.trace), decay)
+        b = ops.add(g, up_to(spec, state.trace), decay)
         u = ops.add(g, b, decay) if nesterov else b
         return unflat(spec, u), TraceState(unflat(spec, b))
 
@@ -245,8 +246,8 @@ def scale_by_trust_ratio(min_norm: float = 0.0, eps: float = 0.0) -> GradientTra
     """LAMB's layer-wise trust ratio (You et al. 2020): ``u = g * ||p|| / ||g||`` per leaf,
     with ratio 1 where either norm is zero (``||p||`` is clamped below by ``min_norm``)."""
 
-    def rescale(g: list[torch.Tensor], p: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        p_norm = torch.stack(ops.norms(p or [])).clamp_min(min_norm)
+    def rescale(g: list[torch.Tensor], p: list[torch.Tensor]) -> list[torch.Tensor]:
+        p_norm = torch.stack(ops.norms(p)).clamp_min(min_norm)
         g_norm = torch.stack(ops.norms(g))
         ratio = torch.where(
             (p_norm > 0) & (g_norm > 0), p_norm / (g_norm + eps), torch.ones_like(p_norm)

@@ -35,7 +35,9 @@ def _mask_placement(mask: Any, dim: int) -> Any:
 def _strategies(q: Any, mask: Any, n_outputs: int, n_inputs: int) -> list[tuple[list, list]]:
     """Replicated, batch-sharded and head-sharded: every tensor argument sharded on the same
     dim (the logsumexp is ``(B, H, T)``, so it shares dims 0 and 1 with the others)."""
-    out = [([Replicate()] * n_outputs, [Replicate()] * n_inputs + [_rep(mask)])]
+    out: list[tuple[list, list]] = [
+        ([Replicate()] * n_outputs, [Replicate()] * n_inputs + [_rep(mask)])
+    ]
     for dim in (0, 1):
         out.append(
             ([Shard(dim)] * n_outputs, [Shard(dim)] * n_inputs + [_mask_placement(mask, dim)])

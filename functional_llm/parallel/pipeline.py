@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -118,8 +118,8 @@ class StageModule(nn.Module):
         """``leaves`` (in the loaded params' order) as a pytree of the params' structure."""
         return tree.unflatten(dict(zip(self._paths, leaves, strict=True)), self._like)
 
-    def _loaded(self) -> list[nn.Parameter]:
-        return [self._parameters[f"p{i}"] for i in range(len(self._paths))]
+    def _loaded(self) -> list[torch.Tensor]:
+        return [cast(nn.Parameter, self._parameters[f"p{i}"]) for i in range(len(self._paths))]
 
     def grads(self) -> PyTree:
         """The gradients of the loaded params (zeros where none flowed)."""
@@ -184,16 +184,18 @@ class PipelineStep:
         own = self.stage.select(params)
         return TrainState(own, self.optimizer.init(own), torch.zeros((), dtype=torch.int64), key)
 
-    def _build(self, params: PyTree) -> None:
-        self._module = StageModule(self.stage.apply, params)
+    def _build(self, params: PyTree) -> StageModule:
+        """This stage's module (holding ``params``) and the schedule that runs it."""
+        module = StageModule(self.stage.apply, params)
         stage = PipelineStage(
-            self._module, self.index, self.n_stages, self.device, group=self.pp_mesh.get_group()
+            module, self.index, self.n_stages, self.device, group=self.pp_mesh.get_group()
         )
 
         def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return losses.cross_entropy(logits, targets)[0]
 
         self._schedule = self.schedule_cls(stage, self.n_microbatches, loss_fn=loss)
+        return module
 
     def _reduce(self, x: torch.Tensor, mesh: DeviceMesh, op: str) -> torch.Tensor:
         """``x`` summed (or averaged) over ``mesh``, by DTensor (a Partial made Replicate)."""
@@ -208,7 +210,7 @@ class PipelineStep:
         if self.dp_mesh is not None:  # this replica's share of the batch
             tokens = tokens.chunk(self.dp_mesh.size())[self.dp_mesh.get_local_rank()]
         if self._module is None:
-            self._build(state.params)
+            self._module = self._build(state.params)
         else:
             self._module.load(state.params)
         x, y = tokens[:, :-1], tokens[:, 1:]
@@ -220,10 +222,11 @@ class PipelineStep:
         else:
             self._schedule.step()
         grads = self._module.grads()
+        dp_mesh = self.dp_mesh
         for name in self.stage.shared:  # tied weights: both holders get the summed gradient
             grads[name] = tree.map(lambda g: self._reduce(g, self.pp_mesh, "sum"), grads[name])
-        if self.dp_mesh is not None:
-            grads = tree.map(lambda g: self._reduce(g, self.dp_mesh, "avg"), grads)
+        if dp_mesh is not None:
+            grads = tree.map(lambda g: self._reduce(g, dp_mesh, "avg"), grads)
         norm = self._global_norm(grads)
         if self.clip_norm is not None:
             factor = clip_factor(norm, self.clip_norm)

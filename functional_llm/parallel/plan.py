@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optree
@@ -57,6 +57,7 @@ class Plan:
     mesh: DeviceMesh
     rules: Rules
     axes: PyTree
+    _flat_axes: dict[str, tuple] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ops.register()  # DTensor's CPU attention strategy, from the first plan on
