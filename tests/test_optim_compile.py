@@ -1,6 +1,7 @@
 """Compiled updates equal eager ones and compile once: step, learning rate and overrides
 are tensors in the state, never Python values baked into the graph."""
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -49,6 +50,7 @@ def assert_same(a, b):
     fl.testing.assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 50 compiled steps (--full tier; the override tests below stay fast)
 def test_compiled_adamw_with_warmup_cosine_equals_eager_and_compiles_once():
     opt = optim.chain(
         optim.clip_by_global_norm(1.0),

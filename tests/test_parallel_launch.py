@@ -24,6 +24,7 @@ def losses(out: Path) -> list[float]:
 
 
 @pytest.mark.skipif(sys.platform != "linux" or not shutil.which("torchrun"), reason="torchrun")
+@pytest.mark.slow  # two runs of the experiment, one under torchrun (--full tier)
 def test_torchrun_data_parallel_matches_one_process(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)

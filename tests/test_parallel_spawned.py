@@ -127,6 +127,7 @@ class TestTwoRanks:
                     params[path], w.numpy(), rtol=1e-4, atol=2e-5, err_msg=path
                 )
 
+    @pytest.mark.slow  # compiles a sharded step twice per layout (--full tier)
     @pytest.mark.parametrize("layout", ["dp", "tp"])
     def test_compiled_sharded_step_matches_eager(self, layout):
         rules = {"batch": "dp"} if layout == "dp" else TP

@@ -107,6 +107,7 @@ def test_vmap_over_keys_equals_a_loop(seed, n):
     assert torch.equal(R.uniform(keys, (7, 3)), vmap(DRAWS["uniform"])(keys))
 
 
+@pytest.mark.slow  # compiles every draw (--full tier)
 def test_compiled_draws_equal_eager():
     names = sorted(DRAWS)
     compiled = torch.compile(lambda k: [DRAWS[n](k) for n in names], fullgraph=True)

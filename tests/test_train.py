@@ -73,6 +73,7 @@ def run(step, state, n, **batch_kw):
     return state, history
 
 
+@pytest.mark.slow  # compiles a whole step (--full tier)
 def test_compiled_step_equals_eager_and_compiles_once():
     schedule = optim.warmup_cosine(1e-2, 3, 12, end_value=1e-3)
     cfg = dataclasses.replace(CFG, dropout=0.1)  # keys drive dropout: a tensor, folded per step
@@ -164,7 +165,7 @@ def test_donated_step_equals_pure_step():
         assert_trees_equal(state.params, params)  # the pure run left its input alone
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_remat_gives_the_same_gradients_with_dropout(compiled):
     cfg = dataclasses.replace(CFG, dropout=0.2)
     model, params, _, _ = setup(cfg)
@@ -180,6 +181,7 @@ def test_remat_gives_the_same_gradients_with_dropout(compiled):
     assert_trees_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles a whole step (--full tier)
 def test_users_compose_steps_ema_and_an_extra_loss_term():
     """Both are user code around the library's pieces, as a research script would write them."""
     model, params, opt, state = setup()

@@ -119,7 +119,10 @@ def test_vmap_over_whole_models_equals_a_loop():
         assert torch.equal(x, fl.tree.flatten(stacked)[path]), path
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "transformer"])
+@pytest.mark.parametrize(
+    "name",
+    ["gpt2", *(pytest.param(n, marks=pytest.mark.slow) for n in ("llama", "bert", "transformer"))],
+)
 def test_compiled_apply_equals_eager(name):
     model, call, inputs = CALLS[name]
     params = model.init(random.key(0))
