@@ -218,11 +218,11 @@ def predict(
 ) -> list[Any]:
     """The model's outputs (eval mode: no dropout) per example as numpy; ``per_token`` outputs
     lose their padding. A tuple output (QA's start and end scores) gives a tuple per example."""
-    outputs = []
+    outputs, evaluated = [], fl.nn.inference(model)
     for at in range(0, len(examples), batch_size):
         batch = pad(list(examples[at : at + batch_size]))
         extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
-        out = model.apply(params, batch["tokens"], valid=batch["valid"], **extra)
+        out = evaluated.apply(params, batch["tokens"], valid=batch["valid"], **extra)
         parts = tuple(out) if isinstance(out, tuple) else (out,)
         for row, n in enumerate(batch["valid"].sum(-1).tolist()):
             per = tuple(np.asarray(p[row, :n] if per_token else p[row]) for p in parts)

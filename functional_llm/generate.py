@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from functional_llm import random
+from functional_llm.nn.dropout import inference
 
 __all__ = ["sample"]
 
@@ -37,7 +38,7 @@ def sample(
         raise ValueError(f"sample: prompt must be (batch, length >= 1), got {tuple(prompt.shape)}")
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError("sample: temperature must be >= 0 and top_k >= 1")
-    window = model.config.max_seq_len
+    window, model = model.config.max_seq_len, inference(model)  # no dropout while sampling
     tokens = prompt
     with torch.no_grad():
         for i in range(n):

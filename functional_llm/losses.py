@@ -21,10 +21,12 @@ returns ``loss_fn(params, batch, key) -> (scalar, aux)``, the signature
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from functional_llm.nn.dropout import inference
 from functional_llm.types import IGNORE, Batch, LossFn, Metrics
 
 __all__ = [
@@ -149,6 +151,7 @@ def next_token(
     targets should be ``ignore_index``).
     """
     options = _ce_options(ignore_index, label_smoothing, z_loss)
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         if "tokens" in batch:
@@ -156,7 +159,7 @@ def next_token(
         else:
             _require(batch, "next_token", "inputs", "targets")
             inputs, targets = batch["inputs"], batch["targets"]
-        logits = model.apply(params, inputs, valid=batch.get("valid"), key=key)
+        logits = pick(key).apply(params, inputs, valid=batch.get("valid"), key=key)
         return cross_entropy(logits, targets, **options)
 
     return loss_fn
@@ -172,10 +175,11 @@ def seq2seq(
     ``tgt_valid``.
     """
     options = _ce_options(ignore_index, label_smoothing, z_loss)
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "seq2seq", "src", "tgt_in", "tgt_out")
-        logits = model.apply(
+        logits = pick(key).apply(
             params,
             batch["src"],
             batch["tgt_in"],
@@ -206,10 +210,11 @@ def mlm(model: Any) -> LossFn:
     masked positions and ``IGNORE`` elsewhere (or ``(B, P)`` with ``mlm_positions``, see
     :func:`_mlm_from_hidden`); optional ``valid`` and ``token_types``.
     """
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "mlm", "tokens", "labels")
-        out = _on_tokens(model, params, batch, key)
+        out = _on_tokens(pick(key), params, batch, key)
         return _mlm_from_hidden(model, params, out.hidden, batch)
 
     return loss_fn
@@ -218,10 +223,11 @@ def mlm(model: Any) -> LossFn:
 def nsp(model: Any) -> LossFn:
     """Next-sentence prediction (BERT): ``nsp_label`` ``(B,)`` is 0 when segment B follows
     segment A, 1 when it is random. batch: ``tokens``, ``token_types``, ``nsp_label``."""
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "nsp", "tokens", "token_types", "nsp_label")
-        out = _on_tokens(model, params, batch, key)
+        out = _on_tokens(pick(key), params, batch, key)
         return cross_entropy(model.nsp_logits(params, out.pooled), batch["nsp_label"])
 
     return loss_fn
@@ -230,10 +236,11 @@ def nsp(model: Any) -> LossFn:
 def bert_pretraining(model: Any, nsp_weight: float = 1.0) -> LossFn:
     """BERT's pretraining objective, MLM + ``nsp_weight`` NSP, from one encoder pass.
     aux: ``mlm_*`` and ``nsp_*`` metrics and the total ``loss``."""
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "bert_pretraining", "tokens", "token_types", "labels", "nsp_label")
-        out = _on_tokens(model, params, batch, key)
+        out = _on_tokens(pick(key), params, batch, key)
         mlm_loss, mlm_aux = _mlm_from_hidden(model, params, out.hidden, batch)
         nsp_loss, nsp_aux = cross_entropy(model.nsp_logits(params, out.pooled), batch["nsp_label"])
         loss = mlm_loss + nsp_weight * nsp_loss
@@ -249,10 +256,11 @@ def classification(model: Any, *, label_smoothing: float = 0.0) -> LossFn:
     """Sequence classification (:class:`~functional_llm.models.SequenceClassifier`).
     batch: ``tokens``, ``label`` ``(B,)``; optional ``valid``, ``token_types``."""
     options = _ce_options(IGNORE, label_smoothing, 0.0)
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "classification", "tokens", "label")
-        logits = _on_tokens(model, params, batch, key)
+        logits = _on_tokens(pick(key), params, batch, key)
         return cross_entropy(logits, batch["label"], **options)
 
     return loss_fn
@@ -262,10 +270,11 @@ def token_classification(model: Any) -> LossFn:
     """Sequence labelling (:class:`~functional_llm.models.TokenClassifier`): one label per token,
     ``IGNORE`` on padding, special tokens and non-first sub-words. batch: ``tokens``,
     ``labels`` ``(B, T)``; optional ``valid``, ``token_types``."""
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "token_classification", "tokens", "labels")
-        logits = _on_tokens(model, params, batch, key)
+        logits = _on_tokens(pick(key), params, batch, key)
         return cross_entropy(logits, batch["labels"])
 
     return loss_fn
@@ -276,10 +285,11 @@ def qa_span(model: Any) -> LossFn:
     end cross-entropies over token positions; an unanswerable question points both at
     position 0 ([CLS]), as in BERT's SQuAD 2.0 recipe. batch: ``tokens``, ``start``, ``end``
     ``(B,)``; optional ``valid``, ``token_types``. aux also has ``exact`` (both ends right)."""
+    pick = _by_key(model)
 
     def loss_fn(params: Any, batch: Batch, key: torch.Tensor | None = None) -> Any:
         _require(batch, "qa_span", "tokens", "start", "end")
-        spans = _on_tokens(model, params, batch, key)
+        spans = _on_tokens(pick(key), params, batch, key)
         start_loss, start_aux = cross_entropy(spans.start, batch["start"])
         end_loss, end_aux = cross_entropy(spans.end, batch["end"])
         loss = (start_loss + end_loss) / 2
@@ -297,6 +307,14 @@ def qa_span(model: Any) -> LossFn:
         return loss, aux
 
     return loss_fn
+
+
+def _by_key(model: Any) -> Callable[[torch.Tensor | None], Any]:
+    """``pick(key)``: ``model`` to train (the key drives its dropout), or without a key, which
+    is how :func:`~functional_llm.train.make_eval_step` evaluates, the same model with every
+    dropout rate 0 (:func:`functional_llm.nn.inference`, resolved once, here)."""
+    evaluation = inference(model)
+    return lambda key: model if key is not None else evaluation
 
 
 def _on_tokens(model: Any, params: Any, batch: Batch, key: torch.Tensor | None) -> Any:

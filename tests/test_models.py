@@ -1,12 +1,14 @@
 """Model families: causality, padding, keys and dropout, sizes, configs and input errors."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import functional_llm as fl
-from functional_llm import models, random
+from functional_llm import models, nn, random
 from tests.models_zoo import DECODERS, VOCAB, bert, gpt2, llama, tokens, transformer
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -109,7 +111,7 @@ def _run(model, params, key):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_dropout_masks_follow_the_key_and_no_key_means_no_dropout(name):
+def test_dropout_masks_follow_the_key_and_evaluation_is_explicit(name):
     field = "dropout"
     with_dropout, without = FAMILIES[name](**{field: 0.3}), FAMILIES[name](**{field: 0.0})
     params = with_dropout.init(random.key(0))
@@ -118,8 +120,12 @@ def test_dropout_masks_follow_the_key_and_no_key_means_no_dropout(name):
     assert not torch.allclose(
         _run(with_dropout, params, k), _run(with_dropout, params, random.key(2))
     )
+    with pytest.raises(ValueError, match="without a key"):  # a forgotten key is an error
+        _run(with_dropout, params, None)
+    evaluated = nn.inference(with_dropout)
+    assert evaluated == without and with_dropout.config.dropout == 0.3  # a new value, pure
     torch.testing.assert_close(
-        _run(with_dropout, params, None), _run(without, params, None), atol=0, rtol=0
+        _run(evaluated, params, None), _run(without, params, None), atol=0, rtol=0
     )
 
 
@@ -241,3 +247,33 @@ def test_gpt_returns_each_layers_attention_weights_for_inspection():
         assert w.shape == (2, model.config.n_heads, 7, 7)
         torch.testing.assert_close(w.sum(-1), torch.ones(2, model.config.n_heads, 7), **TOL)
         assert (w.triu(1) == 0).all()  # causal: no weight on future tokens
+
+
+def _rates(value, path="model"):
+    """Every dropout rate in a value and the layers and configs it holds, by path."""
+    out = {}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if "dropout" in f.name or (isinstance(value, nn.Dropout) and f.name == "rate"):
+                out[f"{path}.{f.name}"] = v
+            out.update(_rates(v, f"{path}.{f.name}"))
+    return out
+
+
+def test_inference_zeroes_every_dropout_rate_in_heads_backbones_and_layers():
+    bert_with_dropout = bert(dropout=0.2)
+    values = [
+        models.SequenceClassifier(bert_with_dropout, num_labels=3, dropout=0.4),
+        models.ExtractiveQA(gpt2(dropout=0.1), dropout=0.3),
+        nn.Encoder(block=nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16, dropout=0.5), n_layers=2),
+        nn.Dropout(rate=0.5),
+    ]
+    for value in values:
+        before = _rates(value)
+        assert any(before.values())
+        evaluated = nn.inference(value)
+        assert set(_rates(evaluated)) == set(before)
+        assert not any(_rates(evaluated).values())
+        assert _rates(value) == before  # the original is untouched
+        assert nn.inference(evaluated) is evaluated  # nothing left to change

@@ -55,7 +55,9 @@ def test_norms_equal_torch(seed, dim):
 
 def test_dropout_is_driven_by_the_key_only():
     x = torch.ones(10_000)
-    assert nn.dropout(x, 0.3, key=None) is x
+    assert nn.dropout(x, 0.0, key=None) is x
+    with pytest.raises(ValueError, match="without a key"):
+        nn.dropout(x, 0.3, key=None)
     k = random.key(0)
     a, b = nn.dropout(x, 0.3, key=k), nn.dropout(x, 0.3, key=k)
     assert torch.equal(a, b)
@@ -154,7 +156,9 @@ def test_attention_dropout_needs_a_key():
     p = attn.init(random.key(0))
     x = random.normal(random.key(1), (3, 8))
     plain = nn.MultiHeadAttention(d_model=8, n_heads=2).apply(p, x)
-    torch.testing.assert_close(attn.apply(p, x), plain)
+    with pytest.raises(ValueError, match="without a key"):
+        attn.apply(p, x)
+    torch.testing.assert_close(nn.inference(attn).apply(p, x), plain)
     k = random.key(2)
     assert torch.equal(attn.apply(p, x, key=k), attn.apply(p, x, key=k))
     assert not torch.allclose(attn.apply(p, x, key=k), plain)

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import functional_llm as fl
 from functional_llm.interop import torch_nn as tnn
 from functional_llm.nn import causal_mask
 
@@ -98,6 +99,7 @@ def test_encoder_layer(data, kw, padded):
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     module = nn.TransformerEncoderLayer(**kw).eval()
     block, params = tnn.from_encoder_layer(module)
+    block = fl.nn.inference(block)  # the module is in eval mode
     b, t = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6))
     x = torch.randn(b, t, kw["d_model"])
     pad = lengths_mask(data.draw, b, t) if padded else None
@@ -111,6 +113,7 @@ def test_decoder_layer(data, kw, padded):
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     module = nn.TransformerDecoderLayer(**kw).eval()
     block, params = tnn.from_decoder_layer(module)
+    block = fl.nn.inference(block)  # the module is in eval mode
     b, t, s = (
         data.draw(st.integers(1, 3)),
         data.draw(st.integers(1, 6)),
@@ -135,6 +138,7 @@ def test_full_transformer(data, kw, padded):
     n_enc, n_dec = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
     module = nn.Transformer(num_encoder_layers=n_enc, num_decoder_layers=n_dec, **kw).eval()
     model, params = tnn.from_transformer(module)
+    model = fl.nn.inference(model)  # the module is in eval mode
     b, s, t = (
         data.draw(st.integers(1, 3)),
         data.draw(st.integers(1, 6)),

@@ -2,7 +2,7 @@
 
 from functional_llm.nn.attention import MultiHeadAttention, causal_mask, key_padding_mask
 from functional_llm.nn.blocks import DecoderBlock, EncoderBlock
-from functional_llm.nn.dropout import Dropout, dropout
+from functional_llm.nn.dropout import Dropout, dropout, inference
 from functional_llm.nn.embedding import Embedding
 from functional_llm.nn.linear import Linear
 from functional_llm.nn.mlp import ACTIVATIONS, MLP
@@ -31,6 +31,7 @@ __all__ = [
     "check_tree",
     "dropout",
     "eval_shape",
+    "inference",
     "key_padding_mask",
     "make_norm",
     "positions_like",

@@ -149,9 +149,8 @@ class MultiHeadAttention(Layer):
         if causal:
             tri = causal_mask(t_q, t_k, x.device)
             mask = tri if mask is None else mask & tri
-        drop = self.dropout if key is not None else 0.0
-        if return_weights or drop > 0.0:
-            out, weights = _explicit_attention(q, k, v, mask, drop, key)
+        if return_weights or self.dropout > 0.0:  # keyed dropout: SDPA's reads the global RNG
+            out, weights = _explicit_attention(q, k, v, mask, self.dropout, key)
         else:
             out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
         # A copy in (B, T, H, Dh) order: SDPA's output layout depends on the kernel it picks, and

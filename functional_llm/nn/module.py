@@ -3,8 +3,8 @@
 A layer is a frozen dataclass of its static settings with three methods:
 
 * ``init(key) -> params``: a pytree of tensors, a pure function of the key;
-* ``apply(params, *inputs, key=None, ...) -> outputs``: pure; ``key=None`` means
-  deterministic (no dropout);
+* ``apply(params, *inputs, key=None, ...) -> outputs``: pure; the key drives dropout, and a
+  layer with dropout needs one (evaluate :func:`functional_llm.nn.inference` of it instead);
 * ``axes() -> tree``: the structure of ``params`` with, at each leaf, a tuple of logical
   axis names (``("embed", "mlp")``) that sharding rules map onto a device mesh.
 
