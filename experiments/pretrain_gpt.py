@@ -6,12 +6,16 @@
     python -m experiments.pretrain_gpt --compile                # the same run, one compiled step
     torchrun --nproc-per-node 2 -m experiments.pretrain_gpt --mesh dp=2           # data parallel
     torchrun --nproc-per-node 4 -m experiments.pretrain_gpt --mesh dp=2,tp=2 --fsdp
+    torchrun --nproc-per-node 2 -m experiments.pretrain_gpt --mesh pp=2           # pipeline
+    torchrun --nproc-per-node 4 -m experiments.pretrain_gpt --mesh dp=2,pp=2
 
 Under torchrun, ``--mesh`` names the device mesh and ``--rules`` maps logical axes to its axes
 (by default ``batch`` to ``dp``, and ``heads``, ``kv_heads``, ``mlp``, ``vocab`` to ``tp``, for
 the axes the mesh has); ``--fsdp`` stores params sharded over ``dp`` (``--param-rules
 embed=dp``). Every rank draws the same batches and keeps its shard; the run is otherwise
-unchanged (rank 0 logs, plots, samples and writes gathered checkpoints).
+unchanged (rank 0 logs, plots, samples and writes gathered checkpoints). A ``pp`` axis runs
+the model's own stages (``GPT.stages``) as a pipeline of ``--microbatches`` per step
+(``--schedule 1f1b`` or ``gpipe``); its checkpoints hold the gathered params.
 
 With no arguments it trains on a corpus every machine has: the ``.py`` files of the running
 Python's standard library (tests excluded; every k-th file in sorted order, k chosen to keep
@@ -87,7 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--remat", action="store_true", help="recompute block activations in the backward pass")
     a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
     a("--threads", type=int, default=None, help="torch intra-op threads")
-    a("--mesh", default=None, help="under torchrun: mesh axes, e.g. dp=2 or dp=2,tp=2")
+    a("--mesh", default=None, help="under torchrun: mesh axes, e.g. dp=2, dp=2,tp=2, pp=2")
+    a("--microbatches", type=int, default=2, help="with a pp axis: micro-batches per step")
+    a("--schedule", default="1f1b", choices=("1f1b", "gpipe"), help="with a pp axis")
     a("--rules", default=None, help="logical=mesh axis pairs, e.g. batch=dp,heads=tp,mlp=tp")
     a("--param-rules", default="", help="rules for stored params only, e.g. embed=dp (FSDP)")
     a("--fsdp", action="store_true", help="shorthand for --param-rules embed=dp")
@@ -100,6 +106,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--donate is for eager steps; a compiled step returns fresh buffers")
     if args.mesh and args.donate:
         p.error("--donate runs on plain tensors; a sharded step does not donate")
+    mesh = _pairs(args.mesh)
+    if "pp" in mesh:
+        if set(mesh) - {"pp", "dp"}:
+            p.error(f"--mesh {args.mesh}: a pipeline runs on pp and dp axes only")
+        unsupported = {
+            "--compile": args.compile, "--bf16": args.bf16, "--remat": args.remat,
+            "--resume": args.resume, "--dropout": args.dropout, "--rules": args.rules,
+            "--param-rules": args.param_rules, "--fsdp": args.fsdp,
+            "--accumulate": args.accumulate != 1,
+        }  # fmt: skip
+        given = [flag for flag, value in unsupported.items() if value]
+        if given:
+            p.error(f"--mesh {args.mesh}: {', '.join(given)} not supported with a pp axis")
+        if args.batch_size % args.microbatches:
+            p.error(
+                f"--microbatches {args.microbatches} must divide --batch-size "
+                f"{args.batch_size} (the pp pipeline splits each batch into micro-batches)"
+            )
     return args
 
 
@@ -110,8 +134,9 @@ def _pairs(text: str | None) -> dict[str, str]:
 
 
 def sharding(args: argparse.Namespace, model: Any) -> fl.parallel.Plan | None:
-    """The plan for ``--mesh`` (None without one): the mesh, and the rules given or implied."""
-    if not args.mesh:
+    """The plan for ``--mesh`` (None without one, or for a pipeline): the mesh, and the rules
+    given or implied."""
+    if not args.mesh or "pp" in _pairs(args.mesh):
         return None
     shape = {k: int(v) for k, v in _pairs(args.mesh).items()}
     implied = fl.parallel.Rules.for_mesh(shape, fsdp=args.fsdp)
@@ -119,6 +144,21 @@ def sharding(args: argparse.Namespace, model: Any) -> fl.parallel.Plan | None:
     params = {**_pairs(args.param_rules), **implied.params}
     mesh = fl.parallel.make_mesh(shape)
     return fl.parallel.Plan(mesh, fl.parallel.Rules(rules, params), model.axes())
+
+
+def pipelined(
+    args: argparse.Namespace, model: Any, opt: optim.GradientTransformation
+) -> fl.parallel.pipeline.PipelineStep | None:
+    """The pipeline step for a ``--mesh`` with a ``pp`` axis (None otherwise): the model's own
+    stages (``GPT.stages``), one per ``pp`` rank, run by ``torch.distributed.pipelining``."""
+    shape = {k: int(v) for k, v in _pairs(args.mesh).items()}
+    if "pp" not in shape:
+        return None
+    return fl.parallel.pipeline.PipelineStep(
+        model.stages(shape["pp"]), fl.parallel.make_mesh(shape), opt,
+        n_microbatches=args.microbatches, schedule=args.schedule,
+        clip_norm=args.grad_clip or None,
+    )  # fmt: skip
 
 
 def stdlib_corpus(max_mb: float) -> str:
@@ -238,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     k_init, k_train, k_data, k_eval, k_sample = random.split(random.key(args.seed), 5)
     state = train.init_state(model.init(k_init), opt, k_train)
+    pipe = pipelined(args, model, opt)
+    if pipe is not None:  # this rank's stage: its params and optimizer state
+        template, step = state.params, pipe
+        state = pipe.init_state(template, k_train)
     ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
     log_mode = "w"
     if args.resume and ckpts.latest() is not None:
@@ -246,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if plan is not None:  # every rank holds the same state and batches; each keeps its shard
         state = plan.shard(state)
         step = _on_shards(plan, plan.step(step))
-    rank0 = plan is None or torch.distributed.get_rank() == 0
+    rank0 = (plan is None and pipe is None) or torch.distributed.get_rank() == 0
     start = int(state.step)
     n_tokens, n_params = len(train_ids) + len(val_ids), fl.tree.size(state.params)
     say = print if rank0 else lambda *a, **k: None
@@ -265,12 +309,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def full_params() -> Any:
         """Plain params (gathered on every rank: evaluation and sampling run unsharded)."""
+        if pipe is not None:
+            return pipe.gather(state.params, template)
         return plan.gather(state.params) if plan else state.params
 
     def save(at: int) -> None:
-        full = plan.gather(state) if plan else state  # a collective: every rank gathers
+        if pipe is not None:  # each stage holds its own optimizer state: params-only checkpoints
+            full, what = full_params(), "params"
+        else:
+            full, what = (plan.gather(state) if plan else state), "state"  # a collective
         if rank0:
-            ckpts.save(at, {"state": full}, meta)
+            ckpts.save(at, {what: full}, meta)
 
     def evaluation(at: int) -> dict:
         key = random.fold_in(k_eval, at)

@@ -1,4 +1,4 @@
-"""End to end: experiments.pretrain_gpt under torchrun with a dp=2 mesh logs the same
+"""End to end: experiments.pretrain_gpt under torchrun with a dp=2 or pp=2 mesh logs the same
 losses as the single-process run."""
 
 import json
@@ -25,7 +25,8 @@ def losses(out: Path) -> list[float]:
 
 @pytest.mark.skipif(sys.platform != "linux" or not shutil.which("torchrun"), reason="torchrun")
 @pytest.mark.slow  # two runs of the experiment, one under torchrun (--full tier)
-def test_torchrun_data_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mesh", ["dp=2", "pp=2"])
+def test_torchrun_data_and_pipeline_parallel_match_one_process(tmp_path, mesh):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     module = ["-m", "experiments.pretrain_gpt"]
@@ -37,7 +38,7 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path):
     )  # fmt: skip
     two = tmp_path / "two"
     run = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node", "2", *module, "--mesh", "dp=2",
+        ["torchrun", "--standalone", "--nproc-per-node", "2", *module, "--mesh", mesh,
          "--data", str(text), "--out-dir", str(two), *ARGS],
         timeout=240, env=env, capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip

@@ -28,33 +28,56 @@ def gpt():
     return models.GPT(cfg)
 
 
+def bert():
+    cfg = models.BERTConfig(
+        vocab_size=32, max_seq_len=16, d_model=16, n_layers=3, n_heads=4, d_ff=32, dropout=0.0
+    )
+    return models.BERT(cfg)
+
+
 def batch(i):
     return {"tokens": random.randint(random.key(100 + i), (4, 9), 0, 32)}
+
+
+def mlm_batch(i):
+    """Every row masks the same positions, so each micro-batch counts the same targets (the
+    pipeline averages micro-batch losses; one process averages over all targets)."""
+    tokens = random.randint(random.key(200 + i), (4, 8), 0, 32)
+    labels = torch.full_like(tokens, losses.IGNORE)
+    labels[:, ::3] = tokens[:, ::3]
+    return {"tokens": tokens, "labels": labels}
+
+
+FAMILIES = {  # model, its loss in one process, its batches, how the pipeline splits them
+    "gpt": (gpt, losses.next_token, batch, pipeline.next_token),
+    "bert": (bert, losses.mlm, mlm_batch, pipeline.masked_lm),
+}
 
 
 def numpy_tree(tree):
     return {p: x.detach().numpy() for p, x in fl.tree.flatten(tree).items()}
 
 
-def single_process(model, opt, steps, clip_norm=None):
-    step = train.make_step(losses.next_token(model), opt, clip_norm=clip_norm)
+def single_process(model, opt, steps, clip_norm=None, loss=losses.next_token, batches=batch):
+    step = train.make_step(loss(model), opt, clip_norm=clip_norm)
     state, out = train.init_state(model.init(random.key(0)), opt, random.key(1)), []
     for i in range(steps):
-        state, m = step(state, batch(i))
+        state, m = step(state, batches(i))
         out.append(float(m["loss"]))
     return state, out
 
 
 # -- functions run on every rank ---------------------------------------------------------------
-def run_pipeline(schedule: str):
-    model, opt = gpt(), optim.adamw(1e-2, weight_decay=0.1)
+def run_pipeline(family: str, schedule: str):
+    make, _, batches, split = FAMILIES[family]
+    model, opt = make(), optim.adamw(1e-2, weight_decay=0.1)
     mesh = parallel.make_mesh({"pp": 2})
     step = pipeline.PipelineStep(
-        pipeline.gpt_stages(model, 2), mesh, opt, n_microbatches=2, schedule=schedule, clip_norm=1.0
+        model.stages(2), mesh, opt, n_microbatches=2, schedule=schedule, clip_norm=1.0, split=split
     )
     state, out = step.init_state(model.init(random.key(0)), random.key(1)), []
     for i in range(3):
-        state, m = step(state, batch(i))
+        state, m = step(state, batches(i))
         out.append(float(m["loss"]))
     return out, numpy_tree(state.params)
 
@@ -115,12 +138,16 @@ class TestTwoRanks:
     def teardown_class(cls):
         cls.group.close()
 
-    @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-    def test_pipeline_matches_one_process(self, schedule):
-        model = gpt()
-        want_state, want = single_process(model, optim.adamw(1e-2, weight_decay=0.1), 3, 1.0)
-        stages = pipeline.gpt_stages(model, 2)
-        for rank, (got, params) in enumerate(self.group.run(run_pipeline, schedule)):
+    @pytest.mark.parametrize(
+        ("family", "schedule"), [("gpt", "gpipe"), ("gpt", "1f1b"), ("bert", "1f1b")]
+    )
+    def test_pipeline_matches_one_process(self, family, schedule):
+        make, loss, batches, _ = FAMILIES[family]
+        model = make()
+        opt = optim.adamw(1e-2, weight_decay=0.1)
+        want_state, want = single_process(model, opt, 3, 1.0, loss, batches)
+        stages = model.stages(2)
+        for rank, (got, params) in enumerate(self.group.run(run_pipeline, family, schedule)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
             for path, w in fl.tree.flatten(stages[rank].select(want_state.params)).items():
                 np.testing.assert_allclose(

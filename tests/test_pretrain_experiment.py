@@ -81,3 +81,19 @@ def test_donated_run_follows_the_pure_run(script, tmp_path):
     assert_trees_close(b, a, rtol=1e-5, atol=1e-6)  # fused kernel vs foreach: rounding only
     with pytest.raises(SystemExit):
         script.parse_args(["--donate", "--compile"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--mesh", "pp=2", "--compile"], "--compile"),
+        (["--mesh", "pp=2", "--dropout", "0.1", "--resume"], "--resume, --dropout"),
+        (["--mesh", "pp=2,tp=2"], "pp and dp axes only"),
+        (["--mesh", "pp=2", "--batch-size", "3", "--microbatches", "2"], "--microbatches 2"),
+    ],
+)
+def test_a_pipeline_mesh_names_what_it_cannot_run_with(script, capsys, flags, named):
+    with pytest.raises(SystemExit):
+        script.parse_args(flags)
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # one line, naming the flag
+    assert named in error and "pp" in error

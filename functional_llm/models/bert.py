@@ -19,6 +19,7 @@ from functional_llm import random
 from functional_llm.init import Normal
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
 from functional_llm.models.inputs import check_ids, check_like
+from functional_llm.models.stages import Stage, cut
 from functional_llm.nn import (
     Embedding,
     Encoder,
@@ -180,18 +181,49 @@ class BERT(Layer):
         check_like("token_types", token_types, "tokens", tokens)
         check_like("valid", valid, "tokens", tokens)
         self.check(params)
-        parts = self._parts()
         k_embed, k_stack = maybe_split(key)
+        h = self.embed(params, tokens, token_types, key=k_embed)
+        mask = None if valid is None else key_padding_mask(valid)
+        h = cast(torch.Tensor, self.stack.apply(params, h, mask=mask, key=k_stack))
+        return BERTOutput(h, self.pool(params, h))
+
+    def embed(
+        self,
+        params: Params,
+        tokens: torch.Tensor,
+        token_types: torch.Tensor | None = None,
+        *,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The blocks' input: ``norm(E[tokens] + P[positions] + S[token_types])``, with dropout
+        under ``key``."""
+        parts = self._parts()
         types = torch.zeros_like(tokens) if token_types is None else token_types
         h = (
             parts["embed"].apply(params["embed"], tokens)
             + parts["pos"].apply(params["pos"], positions_like(tokens))
             + parts["types"].apply(params["types"], types)
         )
-        h = dropout(parts["embed_norm"].apply(params["embed_norm"], h), c.dropout, key=k_embed)
-        mask = None if valid is None else key_padding_mask(valid)
-        h = cast(torch.Tensor, self.stack.apply(params, h, mask=mask, key=k_stack))
-        return BERTOutput(h, self.pool(params, h))
+        h = parts["embed_norm"].apply(params["embed_norm"], h)
+        return dropout(h, self.config.dropout, key=key)
+
+    def stages(self, n_stages: int) -> list[Stage]:
+        """BERT cut into ``n_stages`` pipeline stages by blocks for masked-LM pretraining
+        (:mod:`functional_llm.models.stages`): the first embeds ``tokens`` (segment 0, no
+        padding), the last returns :meth:`mlm_logits`; the embedding is tied across them. The
+        pooler and the NSP head are in no stage: pipelined pretraining is masked-LM only."""
+        if self.config.dropout:
+            raise ValueError("BERT.stages: pipeline stages run without keys; use inference(model)")
+        return cut(
+            self.config.n_layers,
+            n_stages,
+            embed=lambda p, tokens: self.embed(p, tokens),
+            block=lambda p, h: cast(torch.Tensor, self.stack.block.apply(p, h)),
+            head=self.mlm_logits,
+            embed_params=("embed", "pos", "types", "embed_norm"),
+            head_params=("mlm", "embed"),
+            tied=("embed",),
+        )
 
     def pool(
         self, params: Params, h: torch.Tensor, valid: torch.Tensor | None = None

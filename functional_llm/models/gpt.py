@@ -21,6 +21,7 @@ from functional_llm import random
 from functional_llm.init import Normal
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
 from functional_llm.models.inputs import check_ids, check_like
+from functional_llm.models.stages import Stage, cut
 from functional_llm.nn import Embedding, Encoder, EncoderBlock, Linear, dropout, key_padding_mask
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like, sinusoidal
@@ -255,6 +256,24 @@ class GPT(Layer):
         """Next-token logits ``(..., T, vocab)``: position ``t`` sees ``tokens[..., :t+1]`` only."""
         h = self.hidden_states(params, tokens, valid=valid, positions=positions, key=key)
         return self.logits(params, cast(torch.Tensor, h))
+
+    def stages(self, n_stages: int) -> list[Stage]:
+        """The model cut into ``n_stages`` pipeline stages by blocks
+        (:mod:`functional_llm.models.stages`): the first embeds, the last norms and unembeds; a
+        tied embedding is held by both. Stages run without dropout keys."""
+        c = self.config
+        if c.dropout:
+            raise ValueError("GPT.stages: pipeline stages run without keys; use inference(model)")
+        return cut(
+            c.n_layers,
+            n_stages,
+            embed=lambda p, tokens: self.embed(p, tokens, positions_like(tokens)),
+            block=lambda p, h: cast(torch.Tensor, self.block.apply(p, h, causal=True)),
+            head=lambda p, h: self.logits(p, self.stack.finish(p, h)),
+            embed_params=("embed", "pos"),
+            head_params=("norm", "embed" if c.tie_embeddings else "unembed"),
+            tied=("embed",) if c.tie_embeddings else (),
+        )
 
     def pool(
         self, params: Params, h: torch.Tensor, valid: torch.Tensor | None = None

@@ -84,8 +84,12 @@ class Encoder(Layer):
             if return_weights:
                 x, w = x
                 weights.append(w)
-        x = self.block._norm().apply(params["norm"], x) if self.final_norm else x
+        x = self.finish(params, x)
         return (x, weights) if return_weights else x
+
+    def finish(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The final norm, where the stack has one (``params["norm"]``), else ``x``."""
+        return self.block._norm().apply(params["norm"], x) if self.final_norm else x
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,95 +5,59 @@ The engine wants an ``nn.Module`` per stage; :class:`StageModule` is the thin ad
 one stage's params as ``nn.Parameter`` aliases for one step and calls the pure stage function.
 Everything around it stays functional::
 
-    stages = parallel.pipeline.gpt_stages(model, n_stages=2)
+    stages = model.stages(2)                         # each family cuts itself (models.stages)
     step = parallel.pipeline.PipelineStep(stages, mesh, opt, n_microbatches=4, schedule="1F1B")
     state = step.init_state(params, key)             # this rank's stage: params and opt state
     state, metrics = step(state, batch)              # metrics["loss"] on every rank
 
-Stage ``s`` of ``pp`` runs ``stages[s]``; the first stage takes the tokens, the last returns
-logits and the schedule applies ``cross_entropy`` per micro-batch; gradients are the mean over
-micro-batches (the schedule's ``scale_grads``), which equals the full batch's gradient when
-micro-batches count the same number of tokens. With a ``dp`` axis too, each data-parallel
-replica of the pipeline takes its share of the batch and DTensor averages the gradients over
-``dp``. A weight used by two stages (GPT-2's tied embedding, in the first and the last) is held
-by both; their gradients are summed over ``pp`` so both copies take the same update.
+Stage ``s`` of ``pp`` runs ``stages[s]``; ``split(batch)`` gives the first stage's input and the
+targets (:func:`next_token` by default, :func:`masked_lm` for BERT), the last stage returns
+logits and the schedule applies ``cross_entropy`` (``IGNORE`` not counted) per micro-batch;
+gradients are the mean over micro-batches (the schedule's ``scale_grads``), which equals the
+full batch's gradient when micro-batches count the same number of tokens. With a ``dp`` axis
+too, each data-parallel replica of the pipeline takes its share of the batch and DTensor
+averages the gradients over ``dp``. A weight used by two stages (GPT-2's tied embedding, in the
+first and the last) is held by both; their gradients are summed over ``pp`` so both copies take
+the same update. :meth:`PipelineStep.gather` gives every rank the full params again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from functional_llm import losses, tree
-from functional_llm.nn.positions import positions_like
+from functional_llm.models.stages import Stage
 from functional_llm.optim.base import GradientTransformation, update_and_apply
 from functional_llm.optim.clipping import clip_factor, global_norm
 from functional_llm.train import TrainState
 from functional_llm.types import PyTree
 
-__all__ = ["SCHEDULES", "PipelineStep", "Stage", "StageModule", "gpt_stages"]
+__all__ = ["SCHEDULES", "PipelineStep", "StageModule", "masked_lm", "next_token"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One pipeline stage: ``select(params)`` is its share of the full params, ``apply(p, x)``
-    its pure function; ``shared`` names params that another stage also holds (tied)."""
-
-    select: Callable[[PyTree], PyTree]
-    apply: Callable[[PyTree, torch.Tensor], torch.Tensor]
-    shared: tuple[str, ...] = ()
-
-
-def _ranges(n_layers: int, n_stages: int) -> list[range]:
-    """Contiguous, balanced block ranges (the first stages take one more when it doesn't divide)."""
-    if not 1 <= n_stages <= n_layers:
-        raise ValueError(f"pipeline: need 1 <= n_stages <= n_layers ({n_layers}), got {n_stages}")
-    base, extra = divmod(n_layers, n_stages)
-    bounds = [0]
-    for s in range(n_stages):
-        bounds.append(bounds[-1] + base + (s < extra))
-    return [range(bounds[s], bounds[s + 1]) for s in range(n_stages)]
+def next_token(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's first-stage input and targets: ``inputs`` and ``targets``, or
+    ``tokens[:, :-1]`` and ``tokens[:, 1:]`` (the batches :func:`functional_llm.losses.next_token`
+    takes)."""
+    if "tokens" not in batch:
+        return batch["inputs"], batch["targets"]
+    tokens = batch["tokens"]
+    return tokens[:, :-1], tokens[:, 1:]
 
 
-def gpt_stages(model: Any, n_stages: int) -> list[Stage]:
-    """A :class:`~functional_llm.models.GPT` cut into ``n_stages`` by blocks: the first stage
-    embeds, the last norms and unembeds. Dropout is off in pipelined stages (the engine passes
-    activations only, no keys); a config with dropout is rejected."""
-    c = model.config
-    if c.dropout:
-        raise ValueError("gpt_stages: pipeline stages run without dropout keys; set dropout=0")
-    blocks = _ranges(c.n_layers, n_stages)
-    head = ("norm", "embed") if c.tie_embeddings else ("norm", "unembed")
-    stages = []
-    for s, layers in enumerate(blocks):
-        first, last = s == 0, s == n_stages - 1
-        names = (("embed", "pos") if first else ()) + (head if last else ())
-
-        def select(params: PyTree, names: tuple = names, layers: range = layers) -> PyTree:
-            own = {n: params[n] for n in names if n in params}
-            return {**own, "blocks": [params["blocks"][i] for i in layers]}
-
-        def apply(p: PyTree, x: torch.Tensor, first: bool = first, last: bool = last) -> Any:
-            pos = positions_like(x if first else x[..., 0])
-            h = model.embed(p, x, pos) if first else x
-            for block_params in p["blocks"]:
-                h = model.block.apply(block_params, h, causal=True, positions=pos)
-            if not last:
-                return h
-            return model.logits(p, model.block._norm().apply(p["norm"], h))
-
-        shared = ("embed",) if c.tie_embeddings and n_stages > 1 and (first or last) else ()
-        stages.append(Stage(select, apply, shared))
-    return stages
+def masked_lm(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A masked LM's: the (masked) ``tokens`` and their ``labels`` (``IGNORE`` where unmasked)."""
+    return batch["tokens"], batch["labels"]
 
 
 class StageModule(nn.Module):
@@ -132,10 +96,10 @@ class StageModule(nn.Module):
 
 
 class PipelineStep:
-    """A train step for this rank's stage: ``(state, batch) -> (state, metrics)`` with
-    ``batch["tokens"]: (B, T+1)`` (inputs and next-token targets, as
-    :func:`functional_llm.losses.next_token`). ``mesh`` has a ``pp`` axis and optionally ``dp``;
-    every rank passes the same full batch."""
+    """A train step for this rank's stage: ``(state, batch) -> (state, metrics)``; ``split``
+    takes the batch apart into the first stage's input and the targets (:func:`next_token`:
+    ``batch["tokens"]: (B, T+1)``, as :func:`functional_llm.losses.next_token`). ``mesh`` has a
+    ``pp`` axis and optionally ``dp``; every rank passes the same full batch."""
 
     def __init__(
         self,
@@ -146,6 +110,9 @@ class PipelineStep:
         n_microbatches: int,
         schedule: str = "1f1b",
         clip_norm: float | None = None,
+        split: Callable[
+            [Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+        ] = next_token,
         device: torch.device | str = "cpu",
     ) -> None:
         names = mesh.mesh_dim_names or ()
@@ -161,11 +128,11 @@ class PipelineStep:
             raise ValueError(
                 f"PipelineStep: schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}"
             )
-        self.mesh, self.optimizer, self.clip_norm = mesh, optimizer, clip_norm
+        self.mesh, self.optimizer, self.clip_norm, self.split = mesh, optimizer, clip_norm, split
         self.pp_mesh = mesh["pp"]
         self.dp_mesh = mesh["dp"] if "dp" in names else None
         self.index = self.pp_mesh.get_local_rank()
-        self.stage = stages[self.index]
+        self.stages, self.stage = stages, stages[self.index]
         self.n_stages, self.n_microbatches = len(stages), n_microbatches
         self.schedule_cls, self.device = SCHEDULES[schedule.lower()], torch.device(device)
         self._module: StageModule | None = None
@@ -197,6 +164,21 @@ class PipelineStep:
         self._schedule = self.schedule_cls(stage, self.n_microbatches, loss_fn=loss)
         return module
 
+    def gather(self, params: PyTree, like: PyTree) -> PyTree:
+        """The full model's params on every rank of the pipeline, from each stage's share
+        (``params``, this rank's); ``like`` is a full params tree (e.g. ``model.init``'s) that
+        gives the structure, shapes and dtypes. One broadcast per param over ``pp``."""
+        group = self.pp_mesh.get_group()
+        ranks = dist.get_process_group_ranks(group)
+        own = tree.flatten(params)
+        full: dict[str, torch.Tensor] = {}
+        for s, stage in enumerate(self.stages):
+            for path, x in tree.flatten(stage.select(like)).items():
+                buffer = own[path].contiguous() if s == self.index else torch.empty_like(x)
+                dist.broadcast(buffer, src=ranks[s], group=group)
+                full[stage.full_path(path)] = buffer
+        return tree.unflatten(full, like)
+
     def _reduce(self, x: torch.Tensor, mesh: DeviceMesh, op: str) -> torch.Tensor:
         """``x`` summed (or averaged) over ``mesh``, by DTensor (a Partial made Replicate)."""
         return (
@@ -204,16 +186,15 @@ class PipelineStep:
         )
 
     def __call__(
-        self, state: TrainState, batch: dict[str, torch.Tensor]
+        self, state: TrainState, batch: Mapping[str, torch.Tensor]
     ) -> tuple[TrainState, dict]:
-        tokens = batch["tokens"]
+        x, y = self.split(batch)
         if self.dp_mesh is not None:  # this replica's share of the batch
-            tokens = tokens.chunk(self.dp_mesh.size())[self.dp_mesh.get_local_rank()]
+            x, y = (t.chunk(self.dp_mesh.size())[self.dp_mesh.get_local_rank()] for t in (x, y))
         if self._module is None:
             self._module = self._build(state.params)
         else:
             self._module.load(state.params)
-        x, y = tokens[:, :-1], tokens[:, 1:]
         step_losses: list[torch.Tensor] = []
         if self.first:
             self._schedule.step(x, target=y if self.last else None, losses=step_losses)
