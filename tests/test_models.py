@@ -266,7 +266,7 @@ def test_inference_zeroes_every_dropout_rate_in_heads_backbones_and_layers():
     values = [
         models.SequenceClassifier(bert_with_dropout, num_labels=3, dropout=0.4),
         models.ExtractiveQA(gpt2(dropout=0.1), dropout=0.3),
-        nn.Encoder(block=nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16, dropout=0.5), n_layers=2),
+        nn.Stack(block=nn.Block(d_model=8, n_heads=2, d_ff=16, dropout=0.5), n_layers=2),
         nn.Dropout(rate=0.5),
     ]
     for value in values:

@@ -171,10 +171,10 @@ LAYERS = {
     "rmsnorm": nn.RMSNorm(dim=4),
     "mha": nn.MultiHeadAttention(d_model=8, n_heads=4, n_kv_heads=2, bias=False),
     "mlp": nn.MLP(d_model=4, d_ff=8, activation="swiglu"),
-    "encoder_block": nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16, norm="rmsnorm"),
+    "encoder_block": nn.Block(d_model=8, n_heads=2, d_ff=16, norm="rmsnorm"),
     "decoder_block": nn.DecoderBlock(d_model=8, n_heads=2, d_ff=16, kv_dim=6),
     "encoder_decoder": nn.EncoderDecoder(
-        encoder=nn.Encoder(block=nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16), n_layers=2),
+        encoder=nn.Stack(block=nn.Block(d_model=8, n_heads=2, d_ff=16), n_layers=2),
         decoder=nn.Decoder(block=nn.DecoderBlock(d_model=8, n_heads=2, d_ff=16), n_layers=1),
     ),
 }
@@ -214,7 +214,7 @@ def test_layer_settings_are_validated():
     with pytest.raises(ValueError, match="activation"):
         nn.MLP(d_model=4, d_ff=8, activation="tanh")
     with pytest.raises(ValueError, match="norm must be"):
-        nn.EncoderBlock(d_model=8, n_heads=2, d_ff=16, norm="batchnorm")
+        nn.Block(d_model=8, n_heads=2, d_ff=16, norm="batchnorm")
     with pytest.raises(TypeError, match="boolean"):
         nn.MultiHeadAttention(d_model=8, n_heads=2).apply(
             nn.MultiHeadAttention(d_model=8, n_heads=2).init(random.key(0)),

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from functional_llm.nn import (
+    Block,
     Decoder,
     DecoderBlock,
-    Encoder,
-    EncoderBlock,
     EncoderDecoder,
     MultiHeadAttention,
+    Stack,
 )
 from functional_llm.nn.module import Params
 
@@ -192,9 +192,9 @@ def _block_settings(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLay
     }
 
 
-def from_encoder_layer(layer: nn.TransformerEncoderLayer) -> tuple[EncoderBlock, Params]:
-    """``nn.TransformerEncoderLayer`` to :class:`EncoderBlock` and its params."""
-    block = EncoderBlock(**_block_settings(layer))
+def from_encoder_layer(layer: nn.TransformerEncoderLayer) -> tuple[Block, Params]:
+    """``nn.TransformerEncoderLayer`` to :class:`Block` and its params."""
+    block = Block(**_block_settings(layer))
     params = {
         "attn_norm": _norm(layer.norm1),
         "attn": from_multihead_attention(layer.self_attn)[1],
@@ -228,7 +228,7 @@ def from_transformer(module: nn.Transformer) -> tuple[EncoderDecoder, Params]:
     enc_block, _ = from_encoder_layer(enc_layers[0])
     dec_block, _ = from_decoder_layer(dec_layers[0])
     model = EncoderDecoder(
-        encoder=Encoder(block=enc_block, n_layers=len(enc_layers)),
+        encoder=Stack(block=enc_block, n_layers=len(enc_layers)),
         decoder=Decoder(block=dec_block, n_layers=len(dec_layers)),
     )
     params = {
@@ -256,7 +256,7 @@ def _load_norm(norm: nn.LayerNorm, params: Params) -> None:
         norm.bias.copy_(params["bias"])
 
 
-def _torch_layer_kwargs(block: EncoderBlock, batch_first: bool) -> dict:
+def _torch_layer_kwargs(block: Block, batch_first: bool) -> dict:
     if (
         block.norm != "layernorm"
         or block.n_kv_heads not in (None, block.n_heads)
@@ -281,7 +281,7 @@ def _torch_layer_kwargs(block: EncoderBlock, batch_first: bool) -> dict:
     }
 
 
-def _load_layer(module: nn.Module, block: EncoderBlock, params: Params) -> None:
+def _load_layer(module: nn.Module, block: Block, params: Params) -> None:
     """Copy ``params`` into an encoder or decoder layer built by the ``to_*`` functions."""
     with torch.no_grad():
         self_attn = to_multihead_attention(block._attention(), params["attn"])
@@ -298,7 +298,7 @@ def _load_layer(module: nn.Module, block: EncoderBlock, params: Params) -> None:
 
 
 def to_encoder_layer(
-    block: EncoderBlock, params: Params, batch_first: bool = True
+    block: Block, params: Params, batch_first: bool = True
 ) -> nn.TransformerEncoderLayer:
     """The ``nn.TransformerEncoderLayer`` equal to ``block`` with ``params``."""
     module = nn.TransformerEncoderLayer(**_torch_layer_kwargs(block, batch_first))

@@ -21,11 +21,11 @@ from functional_llm.models.config import check_choice, check_divides, check_posi
 from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.models.stages import Stage, cut
 from functional_llm.nn import (
+    Block,
     Embedding,
-    Encoder,
-    EncoderBlock,
     LayerNorm,
     Linear,
+    Stack,
     dropout,
     key_padding_mask,
 )
@@ -97,9 +97,9 @@ class BERT(Layer):
     config: BERTConfig
 
     @property
-    def stack(self) -> Encoder:
+    def stack(self) -> Stack:
         c = self.config
-        block = EncoderBlock(
+        block = Block(
             d_model=c.d_model,
             n_heads=c.n_heads,
             d_ff=c.d_ff,
@@ -109,7 +109,7 @@ class BERT(Layer):
             w_init=Normal(c.init_std),
             dtype=c.dtype,
         )
-        return Encoder(block=block, n_layers=c.n_layers, final_norm=False, remat=c.remat)
+        return Stack(block=block, n_layers=c.n_layers, final_norm=False, remat=c.remat)
 
     def _parts(self) -> dict[str, Layer]:
         c, init = self.config, Normal(self.config.init_std)

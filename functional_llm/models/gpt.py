@@ -22,7 +22,7 @@ from functional_llm.init import Normal
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
 from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.models.stages import Stage, cut
-from functional_llm.nn import Embedding, Encoder, EncoderBlock, Linear, dropout, key_padding_mask
+from functional_llm.nn import Block, Embedding, Linear, Stack, dropout, key_padding_mask
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.positions import positions_like, sinusoidal
 from functional_llm.types import ACTIVATION_NAMES, Activation, NormKind
@@ -124,10 +124,10 @@ class GPT(Layer):
     config: GPTConfig
 
     @property
-    def block(self) -> EncoderBlock:
+    def block(self) -> Block:
         c = self.config
         std = c.init_std
-        return EncoderBlock(
+        return Block(
             d_model=c.d_model,
             n_heads=c.n_heads,
             d_ff=c.ffn_dim,
@@ -145,8 +145,8 @@ class GPT(Layer):
         )
 
     @property
-    def stack(self) -> Encoder:
-        return Encoder(
+    def stack(self) -> Stack:
+        return Stack(
             block=self.block,
             n_layers=self.config.n_layers,
             final_norm=True,

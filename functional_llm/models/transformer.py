@@ -1,7 +1,7 @@
 """The encoder-decoder Transformer of "Attention is all you need", as the article builds it:
 embeddings, positions, the ``torch.nn.Transformer`` core, an output projection.
 
-    memory = Encoder(sqrt(d) E_src[src] + PE)            bidirectional over the source
+    memory = Encoder(sqrt(d) E_src[src] + PE)          bidirectional over the source
     h      = Decoder(sqrt(d) E_tgt[tgt] + PE, memory)    causal over the target
     logits = W_out h + b_out                              (..., T, tgt_vocab)
 
@@ -20,13 +20,13 @@ from functional_llm import random
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
 from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.nn import (
+    Block,
     Decoder,
     DecoderBlock,
     Embedding,
-    Encoder,
-    EncoderBlock,
     EncoderDecoder,
     Linear,
+    Stack,
     dropout,
     key_padding_mask,
 )
@@ -36,7 +36,7 @@ from functional_llm.types import ACTIVATION_NAMES, Activation
 
 __all__ = ["Transformer", "TransformerConfig"]
 
-B = TypeVar("B", bound=EncoderBlock)
+B = TypeVar("B", bound=Block)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,9 +93,7 @@ class Transformer(Layer):
     def core(self) -> EncoderDecoder:
         c = self.config
         return EncoderDecoder(
-            encoder=Encoder(
-                block=self._block(EncoderBlock), n_layers=c.num_encoder_layers, remat=c.remat
-            ),
+            encoder=Stack(block=self._block(Block), n_layers=c.num_encoder_layers, remat=c.remat),
             decoder=Decoder(
                 block=self._block(DecoderBlock), n_layers=c.num_decoder_layers, remat=c.remat
             ),

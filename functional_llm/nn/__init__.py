@@ -1,7 +1,7 @@
 """Pure layers: ``init(key) -> params``, ``apply(params, ...)``, ``axes()``."""
 
 from functional_llm.nn.attention import MultiHeadAttention, causal_mask, key_padding_mask
-from functional_llm.nn.blocks import DecoderBlock, EncoderBlock
+from functional_llm.nn.blocks import Block, DecoderBlock
 from functional_llm.nn.dropout import Dropout, dropout, inference
 from functional_llm.nn.embedding import Embedding
 from functional_llm.nn.linear import Linear
@@ -10,23 +10,23 @@ from functional_llm.nn.module import Layer, check_tree, eval_shape
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
 from functional_llm.nn.positions import positions_like, rope, sinusoidal
 from functional_llm.nn.remat import remat
-from functional_llm.nn.stacks import Decoder, Encoder, EncoderDecoder
+from functional_llm.nn.stacks import Decoder, EncoderDecoder, Stack
 
 __all__ = [
     "ACTIVATIONS",
     "MLP",
+    "Block",
     "Decoder",
     "DecoderBlock",
     "Dropout",
     "Embedding",
-    "Encoder",
-    "EncoderBlock",
     "EncoderDecoder",
     "Layer",
     "LayerNorm",
     "Linear",
     "MultiHeadAttention",
     "RMSNorm",
+    "Stack",
     "causal_mask",
     "check_tree",
     "dropout",

@@ -5,7 +5,8 @@ Post-LN (Vaswani et al. 2017; BERT; ``torch.nn`` with ``norm_first=False``):
 Pre-LN (GPT-2, Llama; ``norm_first=True``):
     ``x = x + dropout(sublayer(norm(x)))``
 
-:class:`EncoderBlock` is self-attention then MLP (with ``causal=True`` it is GPT's block);
+:class:`Block` is self-attention then MLP: ``torch.nn.TransformerEncoderLayer`` (BERT's layer),
+and with ``causal=True`` the decoder-only block of GPT and Llama (nanoGPT's ``Block``);
 :class:`DecoderBlock` adds cross-attention to an encoder's memory between the two, as
 ``torch.nn.TransformerDecoderLayer`` does.
 """
@@ -26,14 +27,15 @@ from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_spl
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
 from functional_llm.types import Activation, NormKind
 
-__all__ = ["DecoderBlock", "EncoderBlock"]
+__all__ = ["Block", "DecoderBlock"]
 
 Key = torch.Tensor | None
 
 
 @dataclass(frozen=True, kw_only=True)
-class EncoderBlock(Layer):
-    """Self-attention and MLP sub-layers; ``torch.nn.TransformerEncoderLayer``'s defaults."""
+class Block(Layer):
+    """Self-attention and MLP sub-layers (causal or not, per call), with
+    ``torch.nn.TransformerEncoderLayer``'s defaults."""
 
     d_model: int
     n_heads: int
@@ -165,7 +167,7 @@ class EncoderBlock(Layer):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecoderBlock(EncoderBlock):
+class DecoderBlock(Block):
     """Self-attention, cross-attention to ``memory``, then MLP; ``kv_dim`` is the memory's
     width when it differs from ``d_model``."""
 

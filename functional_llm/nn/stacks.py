@@ -1,4 +1,6 @@
-"""Stacks of blocks: the encoder, the decoder and the encoder-decoder of ``torch.nn.Transformer``.
+"""Stacks of blocks: :class:`Stack` (an encoder, or a decoder-only model's body with
+``causal=True``), :class:`Decoder` (with cross-attention) and :class:`EncoderDecoder`, the core of
+``torch.nn.Transformer``.
 
 Params of a stack are ``{"blocks": [block_0, ..., block_{L-1}], "norm": final_norm}``; the final
 norm is there when ``final_norm`` is set (``torch.nn.Transformer`` always has one, GPT-2 and
@@ -16,18 +18,18 @@ from typing import Any, cast
 import torch
 
 from functional_llm import random
-from functional_llm.nn.blocks import DecoderBlock, EncoderBlock, Key
+from functional_llm.nn.blocks import Block, DecoderBlock, Key
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.remat import remat
 
-__all__ = ["Decoder", "Encoder", "EncoderDecoder"]
+__all__ = ["Decoder", "EncoderDecoder", "Stack"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Encoder(Layer):
+class Stack(Layer):
     """``n_layers`` copies of ``block`` (each with its own params), then an optional norm."""
 
-    block: EncoderBlock
+    block: Block
     n_layers: int
     final_norm: bool = True
     remat: bool = False
@@ -93,7 +95,7 @@ class Encoder(Layer):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Decoder(Encoder):
+class Decoder(Stack):
     """A stack of :class:`DecoderBlock`, attending to an encoder's ``memory``."""
 
     block: DecoderBlock
@@ -134,7 +136,7 @@ class EncoderDecoder(Layer):
     (True = may attend); the decoder is causal unless ``causal=False``.
     """
 
-    encoder: Encoder
+    encoder: Stack
     decoder: Decoder
 
     def init(self, key: torch.Tensor) -> Params:
