@@ -192,30 +192,27 @@ def _block_settings(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLay
     }
 
 
+def _layer_params(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) -> Params:
+    """A torch layer's params in our layout: its attentions (self, and cross in a decoder
+    layer), then the MLP, each sub-layer with its norm (torch's ``norm1``, ``norm2``, ...)."""
+    attentions = {"attn": layer.self_attn}
+    if isinstance(layer, nn.TransformerDecoderLayer):
+        attentions["cross"] = layer.multihead_attn
+    params: Params = {name: from_multihead_attention(a)[1] for name, a in attentions.items()}
+    for i, name in enumerate([*attentions, "mlp"], start=1):
+        params[f"{name}_norm"] = _norm(_as(getattr(layer, f"norm{i}"), nn.LayerNorm))
+    params["mlp"] = {"up": _linear(layer.linear1), "down": _linear(layer.linear2)}
+    return params
+
+
 def from_encoder_layer(layer: nn.TransformerEncoderLayer) -> tuple[Block, Params]:
     """``nn.TransformerEncoderLayer`` to :class:`Block` and its params."""
-    block = Block(**_block_settings(layer))
-    params = {
-        "attn_norm": _norm(layer.norm1),
-        "attn": from_multihead_attention(layer.self_attn)[1],
-        "mlp_norm": _norm(layer.norm2),
-        "mlp": {"up": _linear(layer.linear1), "down": _linear(layer.linear2)},
-    }
-    return block, params
+    return Block(**_block_settings(layer)), _layer_params(layer)
 
 
 def from_decoder_layer(layer: nn.TransformerDecoderLayer) -> tuple[DecoderBlock, Params]:
     """``nn.TransformerDecoderLayer`` to :class:`DecoderBlock` and its params."""
-    block = DecoderBlock(**_block_settings(layer))
-    params = {
-        "attn_norm": _norm(layer.norm1),
-        "attn": from_multihead_attention(layer.self_attn)[1],
-        "cross_norm": _norm(layer.norm2),
-        "cross": from_multihead_attention(layer.multihead_attn)[1],
-        "mlp_norm": _norm(layer.norm3),
-        "mlp": {"up": _linear(layer.linear1), "down": _linear(layer.linear2)},
-    }
-    return block, params
+    return DecoderBlock(**_block_settings(layer)), _layer_params(layer)
 
 
 def from_transformer(module: nn.Transformer) -> tuple[EncoderDecoder, Params]:

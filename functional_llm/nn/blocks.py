@@ -128,22 +128,46 @@ class Block(Layer):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(..., T, d_model) -> (..., T, d_model)``; ``mask`` is the self-attention mask. With
         ``return_weights`` also returns ``{"attn": (..., heads, T, T)}`` attention weights."""
-        k_attn, k_attn_out, k_mlp, k_mlp_out = maybe_split(key, 4)
-        weights: dict[str, torch.Tensor] = {}
-        attend = self._attend(
+        return self._forward(
             params,
-            "attn",
-            weights,
-            return_weights,
+            x,
+            None,
             mask=mask,
             causal=causal,
+            memory_mask=None,
             positions=positions,
-            key=k_attn,
+            key=key,
+            return_weights=return_weights,
         )
-        x = self._residual(params, "attn", x, attend, k_attn_out)
-        x = self._residual(
-            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, key=k_mlp), k_mlp_out
-        )
+
+    def _forward(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        memory: torch.Tensor | None,
+        *,
+        mask: torch.Tensor | None,
+        causal: bool,
+        memory_mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        key: Key,
+        return_weights: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Self-attention, cross-attention to ``memory`` where there is one, then the MLP: each
+        a residual sub-layer with its own keys (for the sub-layer and its output dropout)."""
+        keys = iter(maybe_split(key, 4 if memory is None else 6))
+        weights: dict[str, torch.Tensor] = {}
+        attentions: dict[str, dict[str, Any]] = {
+            "attn": {"mask": mask, "causal": causal, "positions": positions}
+        }
+        if memory is not None:
+            attentions["cross"] = {"context": memory, "mask": memory_mask}
+        for name, kw in attentions.items():
+            attend = self._attend(params, name, weights, return_weights, key=next(keys), **kw)
+            x = self._residual(params, name, x, attend, next(keys))
+        k_mlp, k_out = next(keys), next(keys)
+        mlp = lambda h: self._mlp().apply(params["mlp"], h, key=k_mlp)  # noqa: E731
+        x = self._residual(params, "mlp", x, mlp, k_out)
         return (x, weights) if return_weights else x
 
     def _attend(
@@ -203,24 +227,14 @@ class DecoderBlock(Block):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``mask``/``causal`` restrict self-attention, ``memory_mask`` cross-attention; with
         ``return_weights`` also returns ``{"attn": ..., "cross": ...}`` attention weights."""
-        k_self, k_self_out, k_cross, k_cross_out, k_mlp, k_mlp_out = maybe_split(key, 6)
-        weights: dict[str, torch.Tensor] = {}
-        attend = self._attend(
+        return self._forward(
             params,
-            "attn",
-            weights,
-            return_weights,
+            x,
+            memory,
             mask=mask,
             causal=causal,
+            memory_mask=memory_mask,
             positions=positions,
-            key=k_self,
+            key=key,
+            return_weights=return_weights,
         )
-        x = self._residual(params, "attn", x, attend, k_self_out)
-        attend = self._attend(
-            params, "cross", weights, return_weights, context=memory, mask=memory_mask, key=k_cross
-        )
-        x = self._residual(params, "cross", x, attend, k_cross_out)
-        x = self._residual(
-            params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h, key=k_mlp), k_mlp_out
-        )
-        return (x, weights) if return_weights else x
