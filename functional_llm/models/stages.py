@@ -1,20 +1,23 @@
 """Pipeline stages: a model cut into consecutive pure functions, one per pipeline rank.
 
-A family cuts itself next to its own code (:meth:`GPT.stages <functional_llm.models.GPT.stages>`,
-:meth:`BERT.stages <functional_llm.models.BERT.stages>`), with :func:`cut`; running the stages on
-ranks is :mod:`functional_llm.parallel.pipeline`'s business, which knows no model. Composed in
-order, the stages compute the model's forward (without dropout: a pipeline passes activations,
-not keys)::
+A family cuts itself next to its own code (:meth:`GPT.stages <functional_llm.models.GPT.stages>`
+and :meth:`BERT.stages <functional_llm.models.BERT.stages>` with :func:`cut`;
+:meth:`Transformer.stages <functional_llm.models.Transformer.stages>`, whose stages pass two
+activations); running the stages on ranks is :mod:`functional_llm.parallel.pipeline`'s business,
+which knows no model. Composed in order, the stages compute the model's forward (without
+dropout: a pipeline passes activations, not keys)::
 
-    x = tokens
+    xs = (tokens,)                                     # (src, tgt) for the encoder-decoder
     for stage in model.stages(n):
-        x = stage.apply(stage.select(params), x)       # x: the logits at the end
+        xs = stage.apply(stage.select(params), *xs)    # the logits at the end
+        xs = xs if isinstance(xs, tuple) else (xs,)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,17 +33,19 @@ class Stage:
     whose gradients the pipeline sums)."""
 
     select: Callable[[Params], Params]
-    apply: Callable[[Params, torch.Tensor], torch.Tensor]
+    apply: Callable[..., Any]  # (p, *activations) -> activations, or the logits at the end
     shared: tuple[str, ...] = ()
-    layers: range = range(0)  # the model's blocks this stage runs (its blocks.0 is layers[0])
+    # Which of the model's blocks this stage runs, per list of blocks: (("blocks", range(2, 4)),)
+    # means its blocks.0 and blocks.1 are the model's blocks.2 and blocks.3.
+    blocks: tuple[tuple[str, range], ...] = ()
 
     def full_path(self, path: str) -> str:
         """A path in this stage's params as the same param's path in the full model's."""
-        head, _, rest = path.partition(".")
-        if head != "blocks":
-            return path
-        index, _, tail = rest.partition(".")
-        return ".".join(["blocks", str(self.layers[int(index)]), tail]).rstrip(".")
+        for prefix, layers in self.blocks:
+            if path.startswith(prefix + "."):
+                index, _, tail = path[len(prefix) + 1 :].partition(".")
+                return ".".join([prefix, str(layers[int(index)]), tail]).rstrip(".")
+        return path
 
 
 def block_ranges(n_layers: int, n_stages: int) -> list[range]:
@@ -88,5 +93,5 @@ def cut(
             return head(p, h) if last else h
 
         shared = tuple(tied) if n_stages > 1 and (first or last) else ()
-        stages.append(Stage(select, apply, shared, layers))
+        stages.append(Stage(select, apply, shared, (("blocks", layers),)))
     return stages

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
 from functional_llm import random
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
 from functional_llm.models.inputs import check_ids, check_like
+from functional_llm.models.stages import Stage, block_ranges
 from functional_llm.nn import (
     Block,
     Decoder,
@@ -200,10 +201,76 @@ class Transformer(Layer):
             memory_mask=None if src_valid is None else key_padding_mask(src_valid),
             key=k_dec,
         )
-        h = cast(torch.Tensor, h)
+        return self._output(params, cast(torch.Tensor, h))
+
+    def _output(self, params: Params, h: torch.Tensor) -> torch.Tensor:
+        """Decoder states to logits: tied to the target embedding, or the ``out`` projection."""
         if self.config.tie_output:
             return Embedding.attend(params["tgt_embed"], h)
         return self._parts()["out"].apply(params["out"], h)
+
+    def stages(self, n_stages: int) -> list[Stage]:
+        """The model cut into ``n_stages`` pipeline stages over its encoder blocks, then its
+        decoder blocks (:mod:`functional_llm.models.stages`). Each stage takes and returns two
+        activations, ``(source side, target side)``: the first stage embeds ``(src, tgt)``, the
+        one that starts the decoder turns the source side into the memory (the encoder's final
+        norm), the last returns the logits. No padding masks; stages run without dropout."""
+        c = self.config
+        if c.dropout:
+            raise ValueError("Transformer.stages: pipeline stages run without keys; use inference")
+        core, n_enc = self.core, c.num_encoder_layers
+        out = ("tgt_embed",) if c.tie_output else ("out",)
+        stages = []
+        for s, layers in enumerate(block_ranges(n_enc + c.num_decoder_layers, n_stages)):
+            first, last = s == 0, s == n_stages - 1
+            enc = range(layers.start, min(layers.stop, n_enc))
+            dec = range(max(layers.start, n_enc) - n_enc, layers.stop - n_enc)
+            names = ("src_embed", "tgt_embed", "src_pos", "tgt_pos") if first else ()
+            names += out if last else ()
+
+            def select(
+                params: Params,
+                names: tuple = names,
+                enc: range = enc,
+                dec: range = dec,
+                starts_decoder: bool = n_enc in layers,
+                last: bool = last,
+            ) -> Params:
+                own: Params = {n: params[n] for n in dict.fromkeys(names) if n in params}
+                own["encoder"] = {"blocks": [params["encoder"]["blocks"][i] for i in enc]}
+                own["decoder"] = {"blocks": [params["decoder"]["blocks"][i] for i in dec]}
+                if starts_decoder:
+                    own["encoder"]["norm"] = params["encoder"]["norm"]
+                if last:
+                    own["decoder"]["norm"] = params["decoder"]["norm"]
+                return own
+
+            def apply(
+                p: Params,
+                src: torch.Tensor,
+                tgt: torch.Tensor,
+                first: bool = first,
+                last: bool = last,
+                starts_decoder: bool = n_enc in layers,
+            ) -> Any:
+                if first:
+                    src, tgt = self._embed(p, "src", src, None), self._embed(p, "tgt", tgt, None)
+                for block_params in p["encoder"]["blocks"]:
+                    src = cast(torch.Tensor, core.encoder.block.apply(block_params, src))
+                if starts_decoder:
+                    src = core.encoder.finish(p["encoder"], src)  # the memory from here on
+                for block_params in p["decoder"]["blocks"]:
+                    tgt = cast(
+                        torch.Tensor, core.decoder.block.apply(block_params, tgt, src, causal=True)
+                    )
+                if not last:
+                    return src, tgt
+                return self._output(p, core.decoder.finish(p["decoder"], tgt))
+
+            shared = ("tgt_embed",) if c.tie_output and n_stages > 1 and (first or last) else ()
+            blocks = (("encoder.blocks", enc), ("decoder.blocks", dec))
+            stages.append(Stage(select, apply, shared, blocks))
+        return stages
 
     def apply(
         self,

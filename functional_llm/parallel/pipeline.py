@@ -11,7 +11,8 @@ Everything around it stays functional::
     state, metrics = step(state, batch)              # metrics["loss"] on every rank
 
 Stage ``s`` of ``pp`` runs ``stages[s]``; ``split(batch)`` gives the first stage's input and the
-targets (:func:`next_token` by default, :func:`masked_lm` for BERT), the last stage returns
+targets (:func:`next_token` by default, :func:`masked_lm` for BERT, :func:`seq2seq` for the
+encoder-decoder, whose first stage takes two inputs), the last stage returns
 logits and the schedule applies ``cross_entropy`` (``IGNORE`` not counted) per micro-batch;
 gradients are the mean over micro-batches (the schedule's ``scale_grads``), which equals the
 full batch's gradient when micro-batches count the same number of tokens. With a ``dp`` axis
@@ -40,7 +41,7 @@ from functional_llm.optim.clipping import clip_factor, global_norm
 from functional_llm.train import TrainState
 from functional_llm.types import PyTree
 
-__all__ = ["SCHEDULES", "PipelineStep", "StageModule", "masked_lm", "next_token"]
+__all__ = ["SCHEDULES", "PipelineStep", "StageModule", "masked_lm", "next_token", "seq2seq"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -60,12 +61,20 @@ def masked_lm(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return batch["tokens"], batch["labels"]
 
 
+def seq2seq(
+    batch: Mapping[str, torch.Tensor],
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An encoder-decoder's: ``(src, tgt_in)`` and ``tgt_out`` (as
+    :func:`functional_llm.losses.seq2seq` takes them)."""
+    return (batch["src"], batch["tgt_in"]), batch["tgt_out"]
+
+
 class StageModule(nn.Module):
     """The adapter ``torch.distributed.pipelining`` needs: ``forward(x) = apply(params, x)``
     with the params registered as parameters. :meth:`load` swaps in a step's params as fresh
     leaf aliases (no copy); the engine's backward leaves their gradients in ``.grad``."""
 
-    def __init__(self, apply: Callable[[PyTree, torch.Tensor], torch.Tensor], params: PyTree):
+    def __init__(self, apply: Callable[..., Any], params: PyTree):
         super().__init__()
         self._apply_fn = apply
         self._like = params
@@ -91,8 +100,8 @@ class StageModule(nn.Module):
             [torch.zeros_like(p) if p.grad is None else p.grad for p in self._loaded()]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_fn(self._tree(self._loaded()), x)
+    def forward(self, *activations: torch.Tensor) -> Any:
+        return self._apply_fn(self._tree(self._loaded()), *activations)
 
 
 class PipelineStep:
@@ -110,9 +119,7 @@ class PipelineStep:
         n_microbatches: int,
         schedule: str = "1f1b",
         clip_norm: float | None = None,
-        split: Callable[
-            [Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
-        ] = next_token,
+        split: Callable[[Mapping[str, torch.Tensor]], tuple[Any, torch.Tensor]] = next_token,
         device: torch.device | str = "cpu",
     ) -> None:
         names = mesh.mesh_dim_names or ()
@@ -188,16 +195,18 @@ class PipelineStep:
     def __call__(
         self, state: TrainState, batch: Mapping[str, torch.Tensor]
     ) -> tuple[TrainState, dict]:
-        x, y = self.split(batch)
-        if self.dp_mesh is not None:  # this replica's share of the batch
-            x, y = (t.chunk(self.dp_mesh.size())[self.dp_mesh.get_local_rank()] for t in (x, y))
+        inputs, y = self.split(batch)
+        xs = inputs if isinstance(inputs, tuple) else (inputs,)
+        if (dp := self.dp_mesh) is not None:  # this replica's share of the batch
+            share = lambda t: t.chunk(dp.size())[dp.get_local_rank()]  # noqa: E731
+            xs, y = tuple(share(t) for t in xs), share(y)
         if self._module is None:
             self._module = self._build(state.params)
         else:
             self._module.load(state.params)
         step_losses: list[torch.Tensor] = []
         if self.first:
-            self._schedule.step(x, target=y if self.last else None, losses=step_losses)
+            self._schedule.step(*xs, target=y if self.last else None, losses=step_losses)
         elif self.last:
             self._schedule.step(target=y, losses=step_losses)
         else:
