@@ -12,8 +12,8 @@
 Each stage is the experiment script's ``main`` with the flags printed beside it; runs are
 sequential (on 2 cores two torch processes at once slow each other down many-fold).
 
-    python -m benchmarks.bert_real_data --sst2 ../shared/data/sst2 \\
-        --squad ../shared/data/squad/dev-v2.0-sample.json
+    python -m benchmarks.bert_real_data --sst2 DIR_WITH_TRAIN_AND_DEV_TSV \\
+        --squad SQUAD_V2_JSON
 """
 
 from __future__ import annotations

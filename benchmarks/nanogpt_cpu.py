@@ -3,7 +3,7 @@
 nanoGPT's README trains ``shakespeare_char`` on CPU with 4 layers, 4 heads, d 128, block 64,
 batch 12, 2000 iterations, AdamW lr 1e-3 -> 1e-4 (cosine, 100 warmup), beta2 0.99, weight
 decay 0.1 on matrices, clip 1.0, dropout 0, no biases, and reports val loss 1.88 ("about 3
-minutes"; 1.8857 in 2 m 40 s on these machines, ``../shared/data/README.md``).
+minutes"). The figures measured here are in the README.
 
 This script runs that recipe twice in one process, on the same file, the same 90/10 split,
 the same initial weights and the same batches:
@@ -17,7 +17,8 @@ the same initial weights and the same batches:
 It prints, for each, the validation loss (nanoGPT's 20-batch estimate and the exact loss over the
 whole validation split) and the training-loop wall time, and the time ratio ours / reference.
 
-    python -m benchmarks.nanogpt_cpu --data ../shared/data/tinyshakespeare.txt [--flavour llama]
+    python -m benchmarks.nanogpt_cpu --data tinyshakespeare.txt [--flavour llama]
+    # the file: karpathy/char-rnn data/tinyshakespeare/input.txt
 """
 
 from __future__ import annotations

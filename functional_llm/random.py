@@ -65,8 +65,8 @@ def threefry2x32(
     ``key`` has shape ``(..., 2)``; its leading dimensions broadcast against the counters'.
     Each round is ``x0 += x1; x1 = rotl(x1, r) ^ x0`` on 32-bit words, with the key schedule
     injected every four rounds. The words are updated in place, but only the fresh tensors
-    made by the first addition: the arguments are never modified (5x faster than new
-    tensors per operation on CPU).
+    made by the first addition: the arguments are never modified (in-place updates beat a
+    new tensor per operation on CPU).
     """
     k0, k1 = key[..., 0:1], key[..., 1:2]
     if key.is_meta:  # shapes only (eval_shape): skip the 200 cipher operations
@@ -96,7 +96,7 @@ def _encrypt_counters(
     k: torch.Tensor, counter: torch.Tensor, tag: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Threefry over ``(counter, tag)`` blocks. Eagerly, long counters go through in chunks
-    (2.5x faster on CPU: the 200 passes over the words hit cache, not memory); the result is
+    (faster on CPU: the 200 passes over the words hit cache, not memory); the result is
     the same elementwise cipher either way."""
     if counter.shape[-1] <= _CHUNK or k.is_meta or torch.compiler.is_compiling():
         return threefry2x32(k, counter, torch.full_like(counter, tag))
