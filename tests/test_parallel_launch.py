@@ -1,7 +1,8 @@
-"""End to end: experiments.pretrain_gpt under torchrun with a dp=2 or pp=2 mesh logs the same
-losses as the single-process run."""
+"""End to end: experiments.pretrain_gpt under torchrun with a dp=2, pp=2 or dp=2,pp=2 mesh logs
+the same losses as the single-process run."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +19,11 @@ ARGS = [
 ]  # fmt: skip
 
 
+def ranks(mesh: str) -> int:
+    """Processes for a mesh such as ``dp=2,pp=2``: the product of its axis sizes."""
+    return math.prod(int(axis.split("=")[1]) for axis in mesh.split(","))
+
+
 def losses(out: Path) -> list[float]:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r[k] for r in lines for k in ("loss", "val_loss", "full_val_loss") if k in r]
@@ -25,7 +31,7 @@ def losses(out: Path) -> list[float]:
 
 @pytest.mark.skipif(sys.platform != "linux" or not shutil.which("torchrun"), reason="torchrun")
 @pytest.mark.slow  # two runs of the experiment, one under torchrun (--full tier)
-@pytest.mark.parametrize("mesh", ["dp=2", "pp=2"])
+@pytest.mark.parametrize("mesh", ["dp=2", "pp=2", "dp=2,pp=2"])
 def test_torchrun_data_and_pipeline_parallel_match_one_process(tmp_path, mesh):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
@@ -38,7 +44,7 @@ def test_torchrun_data_and_pipeline_parallel_match_one_process(tmp_path, mesh):
     )  # fmt: skip
     two = tmp_path / "two"
     run = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node", "2", *module, "--mesh", mesh,
+        ["torchrun", "--standalone", "--nproc-per-node", str(ranks(mesh)), *module, "--mesh", mesh,
          "--data", str(text), "--out-dir", str(two), *ARGS],
         timeout=240, env=env, capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
