@@ -205,15 +205,16 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> fl.models.GPTConf
 def optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
     """nanoGPT's AdamW: decay on tensors with 2+ axes (matrices, embeddings), not norms/biases;
     its schedule: step t < warmup has lr (t + 1) / (warmup + 1), then cosine to ``min_lr``.
-    Its hyperparameters live in the state (``inject_hyperparams``), where the step reads the
-    learning rate it reports. With ``--donate`` the same update runs as one fused in-place
+    Its learning rate lives in the state (``inject_hyperparams``), where the step reads the rate
+    it reports. With ``--donate`` the same update runs as one fused in-place
     kernel per group (AdamW's ``update_in_place``)."""
     schedule = optim.warmup_cosine(
         args.lr, args.warmup_iters, args.lr_decay_iters,
         init_value=args.lr / (args.warmup_iters + 1), end_value=args.min_lr,
     )  # fmt: skip
     decay = lambda params: fl.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-    return optim.inject_hyperparams(optim.adamw)(
+    fixed = ("mask", "b1", "b2", "eps", "weight_decay")  # Python floats: the faster kernels
+    return optim.inject_hyperparams(optim.adamw, static_args=fixed)(
         schedule, b1=0.9, b2=args.beta2, weight_decay=args.weight_decay, mask=decay
     )
 
