@@ -385,4 +385,8 @@ def _on_shards(plan: fl.parallel.Plan, fn: Any) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # under torchrun: leave the group before exit (its threads must not outlive it)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
