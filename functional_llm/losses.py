@@ -43,8 +43,6 @@ __all__ = [
     "token_classification",
 ]
 
-Aux = Metrics
-
 
 def cross_entropy(
     logits: torch.Tensor,
@@ -53,7 +51,7 @@ def cross_entropy(
     ignore_index: int = IGNORE,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-) -> tuple[torch.Tensor, Aux]:
+) -> tuple[torch.Tensor, Metrics]:
     """Mean cross-entropy of ``logits: (..., C)`` against integer ``targets: (...)`` over the
     targets that are not ``ignore_index``; zero if none is counted.
 

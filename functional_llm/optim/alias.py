@@ -9,7 +9,6 @@ papers otherwise (``lion``, ``adafactor``, ``lamb``). ``learning_rate`` is a num
 
 from __future__ import annotations
 
-import optree
 import torch
 
 from functional_llm.optim import _foreach as ops
@@ -45,10 +44,6 @@ from functional_llm.optim.transforms import (
 )
 
 __all__ = ["adafactor", "adagrad", "adam", "adamw", "lamb", "lion", "rmsprop", "sgd"]
-
-
-def _true(_: object) -> bool:
-    return True
 
 
 def _unless_zero(value: Scalar, transform: GradientTransformation) -> GradientTransformation:
@@ -111,7 +106,7 @@ def adamw(
         _decay(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
-    decays = per_structure(mask if mask is not None else lambda p: optree.tree_map(_true, p))
+    decays = per_structure(mask)
 
     def update_in_place(params: PyTree, grads: PyTree, state: tuple) -> tuple[PyTree, tuple]:
         adam, decay_state, lr_state = state
@@ -127,9 +122,11 @@ def adamw(
             lr = learning_rate
         count = adam.count.add_(1)
         step = count.to(torch.float32)  # the fused kernel's step type
-        decayed = [bool(d) for d in up_to(spec, decays(params))]
-        for wd in {float(weight_decay) if d else 0.0 for d in decayed}:
-            group = [i for i, d in enumerate(decayed) if (float(weight_decay) if d else 0.0) == wd]
+        decayed = (
+            [True] * len(p) if mask is None else [bool(d) for d in up_to(spec, decays(params))]
+        )
+        for decay in set(decayed):  # one fused call per group: decayed, and not
+            group = [i for i, d in enumerate(decayed) if d == decay]
             pick = lambda xs, group=group: [xs[i] for i in group]  # noqa: E731
             ops.fused_adamw_(
                 pick(p),
@@ -141,7 +138,7 @@ def adamw(
                 b1=float(b1),
                 b2=float(b2),
                 eps=float(eps),
-                weight_decay=wd,
+                weight_decay=float(weight_decay) if decay else 0.0,
             )
         adam = ScaleByAdamState(count, unflat(spec, mu), unflat(spec, nu))
         return unflat(spec, p), (adam, decay_state, lr_state)

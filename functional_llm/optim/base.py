@@ -240,8 +240,3 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return updates, tuple(new_states)
 
     return GradientTransformation(init, update)
-
-
-def as_schedule(value: ScalarOrSchedule) -> Schedule:
-    """A constant or a schedule, as a function of the step tensor."""
-    return value if callable(value) else (lambda count: torch.as_tensor(value))
