@@ -24,9 +24,10 @@ import dataclasses
 import json
 import os
 import re
+import uuid
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -34,11 +35,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from functional_llm import tree
-from functional_llm.files import atomic_path
+from functional_llm.files import atomic_path, remove_stale
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "DamagedCheckpoint",
+    "Restored",
     "config_from_dict",
     "config_to_dict",
     "load",
@@ -54,6 +57,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, is damaged, or does not fit the requested tree."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A file that is not an intact checkpoint: truncated, corrupted, or another format."""
+
+
 def _crc(x: torch.Tensor) -> int:
     data = memoryview(x.reshape(-1).view(torch.uint8).numpy())  # pyright: ignore[reportArgumentType]
     return zlib.crc32(data)  # (an ndarray is a buffer; numpy's stub does not say so)
@@ -62,14 +69,15 @@ def _crc(x: torch.Tensor) -> int:
 def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``state`` (a pytree of tensors and plain values) to ``path`` atomically.
 
-    ``metadata`` must be JSON-serialisable (use :func:`config_to_dict` for configs).
+    ``metadata`` must be JSON-serialisable (use :func:`config_to_dict` for configs). Dict keys
+    must be strings; any string works, dots included (``{"a.b": x, "a": {"b": y}}`` keeps both).
     """
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, Any] = {}
     seen: set[int] = set()
-    leaves = tree.flatten(state)
-    for name, leaf in leaves.items():
+    entries = _entries(state)
+    for name, leaf in entries.items():
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().to("cpu").contiguous()
             if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
@@ -88,18 +96,53 @@ def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = 
         "format": FORMAT,
         "library": _library_version(),
         "torch": torch.__version__,
-        "paths": list(leaves),
+        "paths": list(entries),
+        "keys": [keys for keys, _ in _key_paths(state)],
         "values": values,
         "crc32": {name: _crc(t) for name, t in tensors.items()},
+        "finite": all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()),
         "metadata": metadata or {},
     }
     try:
-        header = {"manifest": json.dumps(manifest)}
-    except TypeError as err:
-        raise TypeError(f"checkpoint.save: metadata must be JSON-serialisable: {err}") from None
+        header = {"manifest": json.dumps(manifest, allow_nan=False)}
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"checkpoint.save: metadata must be JSON-serialisable (finite numbers): {err}"
+        ) from None
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
     return path
+
+
+def _key_paths(state: Any) -> list[tuple[list[str | int], Any]]:
+    """Every leaf with its path as a list: dict keys as strings, sequence positions as ints."""
+    leaves, accessors = optree.tree_leaves(state), optree.tree_accessors(state)
+    out = []
+    for leaf, accessor in zip(leaves, accessors, strict=True):
+        keys: list[str | int] = []
+        for entry in accessor:
+            if isinstance(entry, optree.MappingEntry):
+                if not isinstance(entry.entry, str):
+                    raise TypeError(
+                        f"checkpoint.save: dict keys must be strings; {keys} holds the key "
+                        f"{entry.entry!r} ({type(entry.entry).__name__})"
+                    )
+                keys.append(entry.entry)
+            else:
+                keys.append(int(entry.entry))
+        out.append((keys, leaf))
+    return out
+
+
+def _name(keys: list[str | int]) -> str:
+    """The tensor's name in the file: the dotted path, with dots and backslashes inside keys
+    escaped so that distinct paths never share a name (``a\\.b`` is the key ``"a.b"``)."""
+    name = ".".join(str(k).replace("\\", "\\\\").replace(".", "\\.") for k in keys)
+    return "\\" + name if name == "__metadata__" else name  # safetensors reserves that one
+
+
+def _entries(state: Any) -> dict[str, Any]:
+    return {_name(keys): leaf for keys, leaf in _key_paths(state)}
 
 
 def _manifest(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -109,7 +152,7 @@ def _manifest(path: Path) -> tuple[dict[str, Any], list[str]]:
         with safe_open(path, framework="pt") as f:
             header, names = f.metadata() or {}, list(f.keys())
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
+        raise DamagedCheckpoint(
             f"{path} is not a readable safetensors checkpoint (truncated, corrupted, or another "
             f"format such as a pickle, which is never loaded): {err}"
         ) from None
@@ -117,15 +160,16 @@ def _manifest(path: Path) -> tuple[dict[str, Any], list[str]]:
         manifest = json.loads(header["manifest"])
         assert manifest["format"] == FORMAT
     except (KeyError, AssertionError, json.JSONDecodeError, TypeError):
-        raise CheckpointError(f"{path} has no {FORMAT} manifest") from None
+        raise DamagedCheckpoint(f"{path} has no {FORMAT} manifest") from None
     return manifest, names
 
 
 def metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest's user metadata, plus ``library`` and ``torch`` versions, without reading
-    any tensor."""
+    """The manifest's user metadata, plus ``library`` and ``torch`` versions and ``finite``
+    (whether every floating tensor was finite when saved), without reading any tensor."""
     manifest, _ = _manifest(Path(path))
-    return {**manifest["metadata"], "library": manifest["library"], "torch": manifest["torch"]}
+    versions = {"library": manifest["library"], "torch": manifest["torch"]}
+    return {**manifest["metadata"], **versions, "finite": manifest.get("finite", True)}
 
 
 def load(
@@ -145,19 +189,37 @@ def load(
     path = Path(path)
     manifest, names = _manifest(path)
     flat: dict[str, Any] = dict(manifest["values"])
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        for name in names:
-            flat[name] = f.get_tensor(name)
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name in names:
+                flat[name] = f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DamagedCheckpoint(f"{path}: a tensor cannot be read ({err})") from None
     if verify:
         bad = [n for n in names if _crc(flat[n].to("cpu")) != manifest["crc32"].get(n)]
         if bad:
-            raise CheckpointError(f"{path}: checksum mismatch (corrupted data) in {bad}")
+            raise DamagedCheckpoint(f"{path}: checksum mismatch (corrupted data) in {bad}")
     ordered = {name: flat[name] for name in manifest["paths"]}
     if like is None:
-        return tree.unflatten(ordered)
-    want = tree.flatten(like)
+        if "keys" not in manifest:  # written before keys were recorded: dotted paths only
+            return tree.unflatten(ordered)
+        return _rebuild(list(zip(manifest["keys"], ordered.values(), strict=True)))
+    want = _entries(like)
     _check_fits(path, ordered, want)
     return optree.tree_unflatten(tree.structure(like), [ordered[name] for name in want])
+
+
+def _rebuild(entries: list[tuple[list[str | int], Any]]) -> Any:
+    """Nested dicts (string keys) and lists (int positions) from ``(keys, leaf)`` pairs."""
+    if len(entries) == 1 and not entries[0][0]:
+        return entries[0][1]
+    children: dict[str | int, list] = {}
+    for keys, leaf in entries:
+        children.setdefault(keys[0], []).append((keys[1:], leaf))
+    built = {k: _rebuild(v) for k, v in children.items()}
+    if all(isinstance(k, int) for k in built):
+        return [built[i] for i in sorted(built)]  # type: ignore[index]
+    return built
 
 
 def _check_fits(path: Path, got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -202,20 +264,39 @@ def _library_version() -> str:
     return __version__
 
 
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore` found: the step, the state, and the newer checkpoints
+    it passed over, each with the reason (damaged, or holding non-finite values)."""
+
+    step: int
+    state: Any
+    skipped: list[tuple[Path, str]]
+
+
 class Checkpointer:
     """Numbered checkpoints of one run in a directory: ``step_00000100.safetensors``.
 
-    ``save(step, state, metadata)`` writes one (atomically) and deletes all but the newest
-    ``keep``; ``latest()`` is the newest step or ``None``; ``load(like, step=None)`` reads the
-    newest (or the given) step.
+    ``save(step, state, metadata)`` writes one (atomically); ``latest()`` is the newest step or
+    ``None``; ``load(like, step=None)`` reads the newest (or the given) step, and ``restore``
+    the newest intact one.
+
+    Each checkpoint records the ``run`` it belongs to (a fresh id unless given; a resumed run
+    passes the id :meth:`restore` returns). Rotation keeps the ``keep`` newest checkpoints
+    *of this run* and never deletes another run's files, nor this run's newest checkpoint
+    whose floating tensors are all finite (a diverged run cannot rotate away its last good
+    state). Opening the directory removes temporaries that killed saves left behind.
     """
 
     _NAME = re.compile(r"^step_(\d+)\.safetensors$")
 
-    def __init__(self, directory: str | os.PathLike, keep: int | None = 3) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, keep: int | None = 3, *, run: str | None = None
+    ) -> None:
         if keep is not None and keep < 1:
             raise ValueError(f"Checkpointer.keep must be >= 1 or None, got {keep}")
         self.directory, self.keep = Path(directory), keep
+        self.run = run or uuid.uuid4().hex[:12]
+        remove_stale(self.directory)
 
     def path(self, step: int) -> Path:
         return self.directory / f"step_{step:08d}.safetensors"
@@ -231,14 +312,54 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None) -> Path:
-        path = save(self.path(step), state, {**(metadata or {}), "step": step})
+        path = save(self.path(step), state, {**(metadata or {}), "step": step, "run": self.run})
         if self.keep is not None:
-            for old in self.steps()[: -self.keep]:
-                self.path(old).unlink(missing_ok=True)
+            self._rotate()
         return path
+
+    def _rotate(self) -> None:
+        assert self.keep is not None
+        own: list[tuple[int, bool]] = []  # (step, finite) of this run's intact checkpoints
+        for step in self.steps():
+            try:
+                meta = metadata(self.path(step))
+            except CheckpointError:
+                continue  # a damaged file is nobody's to delete silently
+            if meta.get("run") == self.run:
+                own.append((step, meta["finite"]))
+        finite = [step for step, ok in own if ok]
+        protected = {s for s, _ in own[-self.keep :]} | set(finite[-1:])
+        for step, _ in own:
+            if step not in protected:
+                self.path(step).unlink(missing_ok=True)
 
     def load(self, like: Any = None, step: int | None = None) -> Any:
         step = self.latest() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoints in {self.directory}")
         return load(self.path(step), like)
+
+    def restore(self, like: Any = None, *, finite: bool = True) -> Restored | None:
+        """The newest checkpoint that reads back intact (and, with ``finite``, holds only
+        finite floats), or ``None`` when the directory has none. Damaged newer ones are passed
+        over and listed in ``skipped``; a checkpoint that does not fit ``like`` is an error,
+        not skipped (the run's configuration changed). From then on this checkpointer saves
+        under the restored checkpoint's run id."""
+        skipped: list[tuple[Path, str]] = []
+        for step in reversed(self.steps()):
+            path = self.path(step)
+            try:
+                meta = metadata(path)
+                if finite and not meta["finite"]:
+                    skipped.append((path, "it holds non-finite values"))
+                    continue
+                state = load(path, like)
+            except DamagedCheckpoint as err:
+                skipped.append((path, str(err)))
+                continue
+            self.run = meta.get("run", self.run)
+            return Restored(step, state, skipped)
+        if skipped:
+            reasons = "\n  ".join(f"{p.name}: {why}" for p, why in skipped)
+            raise CheckpointError(f"no usable checkpoint in {self.directory}:\n  {reasons}")
+        return None

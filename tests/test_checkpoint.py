@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import functional_llm as fl
-from functional_llm import checkpoint, optim, random, train
+from functional_llm import checkpoint, files, optim, random, train
 from functional_llm.checkpoint import CheckpointError
 from functional_llm.testing import assert_trees_equal
 
@@ -140,9 +140,90 @@ def test_process_killed_while_saving_leaves_a_loadable_checkpoint(tmp_path):
         back = checkpoint.load(path)
         assert torch.equal(back["data"], torch.full((4_000_000,), float(back["version"])))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != path.name]
-    # Interrupted writes leave hidden temporaries only (ours: ".ck.safetensors.*.tmp";
-    # safetensors' own: ".tmp*"); their presence shows the kills landed mid-save.
-    assert all(name.startswith(".") and "tmp" in name for name in leftovers), leftovers
+    # Interrupted writes leave hidden temporary directories only (safetensors' own temporary
+    # is made inside ours), and the next start removes them.
+    assert all(name.startswith(".ck.safetensors.") for name in leftovers), leftovers
+    checkpoint.Checkpointer(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_stale_temporaries_of_live_processes_and_other_hosts_stay(tmp_path):
+    live = tmp_path / f".x.safetensors.{files._HOST}-{os.getppid()}.abc.tmp"
+    elsewhere = tmp_path / ".x.safetensors.otherhost-1.abc.tmp"
+    dead = tmp_path / f".x.safetensors.{files._HOST}-{2**22 + 12345}.abc.tmp"
+    for d in (live, elsewhere, dead):
+        d.mkdir()
+        (d / ".tmpAbC123").write_bytes(b"half a file")
+    assert files.remove_stale(tmp_path) == [dead]
+    assert live.exists() and elsewhere.exists()
+
+
+_KEY = st.text(st.sampled_from("ab.\\_0"), max_size=4)
+_TREES = st.recursive(
+    st.integers(0, 5).map(lambda n: torch.arange(float(n))),
+    lambda children: (
+        st.dictionaries(_KEY, children, min_size=1, max_size=3)
+        | st.lists(children, min_size=1, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=st.dictionaries(_KEY, _TREES, min_size=1, max_size=4))
+def test_any_string_keys_round_trip_dots_included(tmp_path_factory, tree):
+    path = tmp_path_factory.mktemp("ck") / "t.safetensors"
+    checkpoint.save(path, tree)
+    assert_trees_equal(checkpoint.load(path, like=tree), tree)
+    assert_trees_equal(checkpoint.load(path), tree)  # rebuilt from the recorded key paths
+
+
+def test_dotted_keys_do_not_collide_with_nesting(tmp_path):
+    tree = {"a.b": torch.ones(2), "a": {"b": torch.zeros(3)}, "__metadata__": torch.ones(1)}
+    checkpoint.save(tmp_path / "c.safetensors", tree)
+    back = checkpoint.load(tmp_path / "c.safetensors")
+    assert torch.equal(back["a.b"], torch.ones(2)) and torch.equal(back["a"]["b"], torch.zeros(3))
+    assert torch.equal(back["__metadata__"], torch.ones(1))
+
+
+def test_a_fresh_run_never_rotates_away_another_runs_or_its_own_new_checkpoints(tmp_path):
+    old = checkpoint.Checkpointer(tmp_path, keep=2)
+    for step in (10, 20, 30, 40):
+        old.save(step, {"x": torch.tensor(float(step))})
+    new = checkpoint.Checkpointer(tmp_path, keep=2)
+    for step in (10, 20, 25):  # overwrites the old run's 10 and 20 only by name, not rotation
+        new.save(step, {"x": torch.tensor(-float(step))})
+    assert new.steps() == [20, 25, 30, 40]  # new: 20, 25 kept, 10 rotated; old: 30, 40 kept
+    assert float(new.load(step=25)["x"]) == -25 and float(new.load(step=40)["x"]) == 40
+
+
+def test_rotation_keeps_the_last_finite_checkpoint_and_restore_prefers_it(tmp_path):
+    ckpts = checkpoint.Checkpointer(tmp_path, keep=2)
+    ckpts.save(10, {"x": torch.ones(3)})
+    for step in (20, 30, 40):
+        ckpts.save(step, {"x": torch.tensor([1.0, float("nan"), 2.0])})
+    assert ckpts.steps() == [10, 30, 40]
+    assert checkpoint.metadata(ckpts.path(40))["finite"] is False
+    restored = checkpoint.Checkpointer(tmp_path).restore()
+    assert restored.step == 10 and [p.name for p, _ in restored.skipped] == [
+        "step_00000040.safetensors", "step_00000030.safetensors"
+    ]  # fmt: skip
+
+
+def test_restore_falls_back_past_a_corrupt_newest_checkpoint_and_keeps_the_run(tmp_path):
+    ckpts = checkpoint.Checkpointer(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        ckpts.save(step, {"x": torch.full((100,), float(step))})
+    newest = ckpts.path(3)
+    newest.write_bytes(newest.read_bytes()[:-40])  # truncated, as by a full disk
+    again = checkpoint.Checkpointer(tmp_path, keep=3)
+    restored = again.restore(like={"x": torch.zeros(100)})
+    assert restored.step == 2 and float(restored.state["x"][0]) == 2
+    assert restored.skipped[0][0] == newest and "not a readable" in restored.skipped[0][1]
+    assert again.run == ckpts.run
+    with pytest.raises(CheckpointError, match="does not fit"):  # another model: an error
+        again.restore(like={"x": torch.zeros(5)})
+    assert checkpoint.Checkpointer(tmp_path / "empty").restore() is None
 
 
 RESUME = """
