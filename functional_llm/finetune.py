@@ -44,13 +44,24 @@ def with_backbone(params: PyTree, pretrained: PyTree) -> PyTree:
     return {**params, "backbone": pretrained}
 
 
-def freeze(optimizer: GradientTransformation, *patterns: Pattern) -> GradientTransformation:
+def freeze(
+    optimizer: GradientTransformation, *patterns: Pattern, allow_empty: bool = False
+) -> GradientTransformation:
     """``optimizer`` for every parameter except those whose path matches a pattern: those get
-    zero updates and no optimizer state (:func:`~functional_llm.optim.multi_transform`)."""
+    zero updates and no optimizer state (:func:`~functional_llm.optim.multi_transform`).
+    ``init`` refuses a pattern that matches no param (a typo) unless ``allow_empty``."""
     if not patterns:
         raise ValueError("freeze: give at least one path pattern")
     labels = labels_by_path(dict.fromkeys(patterns, "frozen"), "trained")
-    return multi_transform({"trained": optimizer, "frozen": set_to_zero()}, labels)
+    inner = multi_transform({"trained": optimizer, "frozen": set_to_zero()}, labels)
+    if allow_empty:
+        return inner
+
+    def init(params: PyTree) -> PyTree:
+        tree.require_matches("freeze", tree.paths(params), patterns)
+        return inner.init(params)
+
+    return inner._replace(init=init)
 
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")

@@ -56,9 +56,8 @@ class LoRA:
         """Adapters for every weight of ``params`` whose path matches ``targets`` (``axes``:
         the model's ``axes()``, giving each weight's fan-in)."""
         all_axes = tree.flatten_axes(axes)
+        tree.require_matches("LoRA.targets", tree.paths(params), tuple(self.targets))
         chosen = tree.select(params, *self.targets)
-        if not chosen:
-            raise ValueError(f"LoRA.targets {self.targets} match no parameter path")
         flat = {}
         for i, (path, w) in enumerate(chosen.items()):
             if w.ndim < 2:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from functional_llm.models.inputs import check_range
 from functional_llm.nn.dropout import inference
 from functional_llm.types import IGNORE, Batch, LossFn, Metrics
 
@@ -66,6 +67,7 @@ def cross_entropy(
         )
     if targets.dtype.is_floating_point:
         raise TypeError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
+    check_range("cross_entropy targets", targets, logits.shape[-1], ignore=ignore_index)
     z = logits.flatten(0, -2)
     z = z if z.dtype in (torch.float32, torch.float64) else z.float()  # bf16/fp16 logits upcast
     y = targets.flatten()

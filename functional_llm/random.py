@@ -105,9 +105,21 @@ def _encrypt_counters(
 
 
 def key(seed: int | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """A new key from an integer seed (up to 64 bits); the key's device is where draws land."""
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
-    return torch.stack([(seed >> 32) & _MASK, seed & _MASK], dim=-1)
+    """A new key from an integer seed in ``[-2^63, 2^64)`` (a negative seed is its 64-bit two's
+    complement: ``key(-1) == key(2**64 - 1)``), or an int64 tensor of seeds; the key's device
+    is where draws land. Floats and bools are refused, not truncated."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(f"random.key: a tensor seed must be int64, got {seed.dtype}")
+        seeds = seed.to(device)
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"random.key: the seed {seed} is outside [-2**63, 2**64)")
+        signed = seed - 2**64 if seed >= 2**63 else seed  # the same 64 bits, as an int64
+        seeds = torch.tensor(signed, dtype=torch.int64, device=device)
+    else:
+        raise TypeError(f"random.key: the seed must be an int, got {type(seed).__name__} {seed!r}")
+    return torch.stack([(seeds >> 32) & _MASK, seeds & _MASK], dim=-1)
 
 
 def _check_key(k: torch.Tensor) -> None:

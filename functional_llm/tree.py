@@ -37,6 +37,7 @@ __all__ = [
     "nbytes",
     "partition",
     "paths",
+    "require_matches",
     "select",
     "size",
     "structure",
@@ -156,9 +157,24 @@ def mask(tree: PyTree, *patterns: Pattern) -> PyTree:
     return map_with_path(lambda path, _: matches(path, *patterns), tree)
 
 
-def select(tree: PyTree, *patterns: Pattern) -> dict[str, Any]:
-    """``{path: leaf}`` for the leaves whose path matches any pattern (see :func:`mask`)."""
-    return {p: x for p, x in flatten(tree).items() if matches(p, *patterns)}
+def select(tree: PyTree, *patterns: Pattern, allow_empty: bool = False) -> dict[str, Any]:
+    """``{path: leaf}`` for the leaves whose path matches any pattern (see :func:`mask`).
+
+    A pattern that matches no path is a ``ValueError`` naming it (a typo would otherwise
+    select nothing, silently), unless ``allow_empty``."""
+    flat = flatten(tree)
+    if not allow_empty:
+        require_matches("select", list(flat), patterns)
+    return {p: x for p, x in flat.items() if matches(p, *patterns)}
+
+
+def require_matches(what: str, paths: list[str], patterns: tuple[Pattern, ...]) -> None:
+    """A ``ValueError`` naming every pattern that matches none of ``paths``."""
+    unmatched = [p for p in patterns if not any(matches(path, p) for path in paths)]
+    if unmatched:
+        shown = ", ".join(repr(getattr(p, "pattern", p)) for p in unmatched)
+        sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+        raise ValueError(f"{what}: {shown} matches no path (paths: {sample})")
 
 
 def partition(tree: PyTree, where: PyTree | Callable[[str, Any], bool]) -> tuple[PyTree, PyTree]:

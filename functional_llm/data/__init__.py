@@ -20,6 +20,7 @@ from functional_llm.data.lm import (
     sample_windows,
     write_tokens,
 )
+from functional_llm.data.reading import DataError, read_json, read_jsonl, read_text
 from functional_llm.data.squad import (
     QAExample,
     predict_answers,
@@ -36,6 +37,7 @@ __all__ = [
     "BatchOrder",
     "ByteTokenizer",
     "CharTokenizer",
+    "DataError",
     "Encoded",
     "QAExample",
     "SubwordTokenizer",
@@ -55,7 +57,10 @@ __all__ = [
     "qa_features",
     "read_classification",
     "read_conll",
+    "read_json",
+    "read_jsonl",
     "read_squad",
+    "read_text",
     "read_tokens",
     "sample_windows",
     "token_span",

@@ -13,12 +13,13 @@ training file never had is an error that names it.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from functional_llm.data.reading import DataError, read_jsonl, read_text
 from functional_llm.data.subword import SubwordTokenizer
 
 __all__ = ["encode_classification", "label_vocab", "read_classification"]
@@ -30,7 +31,7 @@ PAIR_COLUMNS = ("text_pair", "sentence2")
 def _pick(columns: Sequence[str], wanted: str | None, defaults: Sequence[str], path: Path) -> Any:
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"{path}: no column {wanted!r}; columns are {list(columns)}")
+            raise DataError(f"{path}: no column {wanted!r}; columns are {list(columns)}")
         return wanted
     return next((c for c in defaults if c in columns), None)
 
@@ -48,27 +49,33 @@ def read_classification(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".csv", ".jsonl"):
-        raise ValueError(f"{path}: expected a .tsv, .csv or .jsonl file")
-    with open(path, encoding="utf-8", newline="") as f:
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in f if line.strip()]
-            columns = list(rows[0]) if rows else []
-        else:
-            reader = csv.DictReader(
-                f,
-                delimiter="\t" if suffix == ".tsv" else ",",
-                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
-            )
-            rows, columns = list(reader), list(reader.fieldnames or [])
+        raise DataError(f"{path}: expected a .tsv, .csv or .jsonl file")
+    if suffix == ".jsonl":
+        numbered = read_jsonl(path)
+        bad = next((n for n, row in numbered if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise DataError(f"{path}:{bad}: expected a JSON object per line")
+        lines, rows = [n for n, _ in numbered], [row for _, row in numbered]
+        columns = list(rows[0]) if rows else []
+    else:
+        reader = csv.DictReader(
+            io.StringIO(read_text(path), newline=""),
+            delimiter="\t" if suffix == ".tsv" else ",",
+            quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+        )
+        rows, columns = list(reader), list(reader.fieldnames or [])
+        lines = [i + 2 for i in range(len(rows))]  # after the header row
+    if not rows:
+        raise DataError(f"{path}: no rows")
     text_col = _pick(columns, text, TEXT_COLUMNS, path)
     if text_col is None:
-        raise ValueError(f"{path}: no text column among {list(columns)}; pass text=")
+        raise DataError(f"{path}: no text column among {list(columns)}; pass text=")
     label_col = _pick(columns, label, (), path)
     pair_col = _pick(columns, pair, PAIR_COLUMNS, path)
     out = []
-    for i, row in enumerate(rows):
+    for line, row in zip(lines, rows, strict=True):
         if row.get(text_col) is None or row.get(label_col) is None:
-            raise ValueError(f"{path}: row {i + 1} lacks {text_col!r} or {label_col!r}: {row}")
+            raise DataError(f"{path}:{line}: the row lacks {text_col!r} or {label_col!r}: {row}")
         example = {"text": str(row[text_col]).strip(), "label": str(row[label_col]).strip()}
         if pair_col is not None:
             example["text_pair"] = str(row[pair_col]).strip()

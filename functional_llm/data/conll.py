@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from functional_llm.data.reading import DataError, read_text
 from functional_llm.data.subword import Encoded, SubwordTokenizer
 from functional_llm.types import IGNORE
 
@@ -31,11 +31,12 @@ Sentence = tuple[list[str], list[str]]  # (words, tags)
 
 
 def read_conll(path: str | os.PathLike) -> list[Sentence]:
-    """``(words, tags)`` per sentence; the tag is each line's last column."""
+    """``(words, tags)`` per sentence; the tag is each line's last column. A file without a
+    sentence is an error (``DataError``), as is a line with a word but no tag."""
     sentences: list[Sentence] = []
     words: list[str] = []
     tags: list[str] = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         fields = line.split()
         if not fields or fields[0] == "-DOCSTART-":
             if words:
@@ -43,11 +44,13 @@ def read_conll(path: str | os.PathLike) -> list[Sentence]:
                 words, tags = [], []
             continue
         if len(fields) < 2:
-            raise ValueError(f"{path}:{number}: expected 'word ... tag', got {line!r}")
+            raise DataError(f"{path}:{number}: expected 'word ... tag', got {line!r}")
         words.append(fields[0])
         tags.append(fields[-1])
     if words:
         sentences.append((words, tags))
+    if not sentences:
+        raise DataError(f"{path}: no sentences (only -DOCSTART- lines and blank lines)")
     return sentences
 
 

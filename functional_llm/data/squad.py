@@ -16,15 +16,14 @@ lowest over the windows) beats it by ``null_threshold``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from functional_llm.data.reading import DataError, field, read_json
 from functional_llm.data.subword import SubwordTokenizer
 
 __all__ = ["QAExample", "predict_answers", "qa_features", "read_squad", "token_span"]
@@ -42,24 +41,55 @@ class QAExample:
 
 
 def read_squad(path: str | os.PathLike) -> list[QAExample]:
-    """Every question of a SQuAD v1.1 or v2.0 file, in file order."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if "data" not in data:
-        raise ValueError(f"{path}: not a SQuAD file (no top-level 'data')")
+    """Every question of a SQuAD v1.1 or v2.0 file, in file order.
+
+    Checked as it is read, each error naming the file and the item: every field SQuAD
+    defines must be present; a question is unanswerable only when it says so
+    (``is_impossible``), so an answerable one needs answers; and every answer's text must be
+    the context's text at its ``answer_start`` (a shifted offset would train on a wrong span).
+    """
+    data = read_json(path)
+    if not isinstance(data, dict) or "data" not in data:
+        raise DataError(f"{path}: not a SQuAD file (no top-level 'data')")
     out = []
-    for index, article in enumerate(data["data"]):
-        for paragraph in article["paragraphs"]:
-            context = paragraph["context"]
-            for qa in paragraph["qas"]:
-                answers = qa.get("answers", [])
+    for index, article in enumerate(field(data, "data", f"{path}", list)):
+        where_a = f"{path}: data[{index}]"
+        for j, paragraph in enumerate(field(article, "paragraphs", where_a, list)):
+            where_p = f"{where_a}.paragraphs[{j}]"
+            context = field(paragraph, "context", where_p, str)
+            for k, qa in enumerate(field(paragraph, "qas", where_p, list)):
+                where = f"{where_p}.qas[{k}]"
+                qid = field(qa, "id", where, (str, int))
+                question = field(qa, "question", where, str)
+                impossible = bool(qa.get("is_impossible", False)) if isinstance(qa, dict) else False
+                answers = [] if impossible and "answers" not in qa else field(
+                    qa, "answers", f"{where} (id {qid})", list
+                )  # fmt: skip
+                if not impossible and not answers:
+                    raise DataError(
+                        f'{where} (id {qid}): no answers, and it does not say "is_impossible": true'
+                    )
+                texts, starts = [], []
+                for n, answer in enumerate(answers):
+                    where_n = f"{where}.answers[{n}] (id {qid})"
+                    text = field(answer, "text", where_n, str)
+                    start = field(answer, "answer_start", where_n, int)
+                    if context[start : start + len(text)] != text:
+                        found = context[max(start, 0) : start + len(text)]
+                        raise DataError(
+                            f"{where_n}: the answer {text!r} is not at answer_start {start} of "
+                            f"its context (which has {found!r} there; {len(context)} characters)"
+                        )
+                    texts.append(text)
+                    starts.append(start)
                 out.append(
                     QAExample(
-                        id=qa["id"],
-                        question=qa["question"],
+                        id=str(qid),
+                        question=question,
                         context=context,
-                        answers=tuple(a["text"] for a in answers),
-                        starts=tuple(a["answer_start"] for a in answers),
-                        impossible=bool(qa.get("is_impossible", False)) or not answers,
+                        answers=tuple(texts),
+                        starts=tuple(starts),
+                        impossible=impossible,
                         article=index,
                     )
                 )
@@ -86,6 +116,10 @@ def qa_features(
     """Model inputs per context window: ``tokens``, ``token_types``, ``start``/``end`` (the
     first answer's token span, or 0 for none), and for :func:`predict_answers`
     ``example_index`` and ``offsets`` (context character spans; ``-1`` outside the context)."""
+    if doc_stride < 1 or max_query < 1:
+        raise ValueError(
+            f"qa_features: doc_stride ({doc_stride}) and max_query ({max_query}) must be >= 1"
+        )
     features = []
     for index, ex in enumerate(examples):
         question = tokenizer.tokenize(ex.question).take(slice(0, max_query))

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from functional_llm.data.reading import DataError, field, read_json
 from functional_llm.data.subword import SubwordTokenizer
 from functional_llm.files import write_atomic
 
@@ -53,6 +53,8 @@ class CharTokenizer:
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
         """The sorted set of characters in ``text``."""
+        if not text:
+            raise ValueError("CharTokenizer.train: the text is empty; there is nothing to learn")
         return cls("".join(sorted(set(text))))
 
     @property
@@ -99,15 +101,21 @@ class ByteTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | ByteTokenizer | SubwordTokenizer:
-    """Read a tokenizer written by ``save`` (JSON only; nothing is executed)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    kind = data.get("type")
-    if kind == "char":
-        return CharTokenizer(data["chars"])
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "subword":
-        return SubwordTokenizer.from_json(data)
-    raise ValueError(
+    """Read a tokenizer written by ``save`` (JSON only; nothing is executed). A file that is
+    truncated, of an unknown type or inconsistent is a ``DataError`` naming it."""
+    data = read_json(path)
+    kind = data.get("type") if isinstance(data, dict) else None
+    try:
+        if kind == "char":
+            return CharTokenizer(field(data, "chars", str(path), str))
+        if kind == "byte":
+            return ByteTokenizer()
+        if kind == "subword":
+            return SubwordTokenizer.from_json(data)
+    except Exception as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: not a valid {kind} tokenizer ({err})") from None
+    raise DataError(
         f"{path}: unknown tokenizer type {kind!r} (expected 'char', 'byte' or 'subword')"
     )

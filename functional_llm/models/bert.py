@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from functional_llm import random
 from functional_llm.init import Normal
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
-from functional_llm.models.inputs import check_ids, check_like
+from functional_llm.models.inputs import check_ids, check_like, check_range
 from functional_llm.models.stages import Stage, cut
 from functional_llm.nn import (
     Block,
@@ -177,8 +177,10 @@ class BERT(Layer):
         """Encode ``tokens: (..., T)``; ``token_types`` (segment ids) default to 0, ``valid``
         (True for real tokens) hides padding, ``key`` turns dropout on."""
         c = self.config
-        check_ids("tokens", tokens, c.max_seq_len)
+        check_ids("tokens", tokens, c.max_seq_len, c.vocab_size)
         check_like("token_types", token_types, "tokens", tokens)
+        if token_types is not None:
+            check_range("token_types", token_types, c.type_vocab_size)
         check_like("valid", valid, "tokens", tokens)
         self.check(params)
         k_embed, k_stack = maybe_split(key)

@@ -203,7 +203,7 @@ class GPT(Layer):
         ``positions`` default to ``0..T-1``; ``key`` turns dropout on.
         """
         c = self.config
-        check_ids("tokens", tokens, c.max_seq_len)
+        check_ids("tokens", tokens, c.max_seq_len, c.vocab_size)
         check_like("valid", valid, "tokens", tokens)
         self.check(params)
         k_embed, k_stack = maybe_split(key)

@@ -152,7 +152,8 @@ class Transformer(Layer):
         self, params: Params, side: str, ids: torch.Tensor, key: torch.Tensor | None
     ) -> torch.Tensor:
         c, parts = self.config, self._parts()
-        check_ids(f"{side} tokens", ids, c.max_seq_len)
+        vocab = c.src_vocab_size if side == "src" else c.tgt_vocab_size
+        check_ids(f"{side} tokens", ids, c.max_seq_len, vocab)
         h = parts[f"{side}_embed"].apply(params[f"{side}_embed"], ids) * math.sqrt(c.d_model)
         pos = positions_like(ids)
         if c.positions == "learned":

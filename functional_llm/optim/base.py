@@ -39,6 +39,7 @@ __all__ = [
     "Schedule",
     "apply_updates",
     "chain",
+    "check_grads",
     "identity",
     "set_to_zero",
     "stateless",
@@ -151,7 +152,13 @@ def per_structure(mask_or_fn: MaskOrFn) -> Callable[[PyTree], PyTree]:
 def apply_updates(params: PyTree, updates: PyTree, *, donate: bool = False) -> PyTree:
     """``params + updates`` leaf by leaf, in the params' dtype; holes in ``updates`` leave the
     param unchanged. ``donate=True``: ``params`` is consumed and the sums are written into its
-    buffers (no fresh params-sized allocations); the default leaves it untouched."""
+    buffers (no fresh params-sized allocations); the default leaves it untouched. Updates
+    must have the params' structure and shapes (:func:`check_grads`); their dtype may differ."""
+    check_grads(params, updates, dtypes=False, what="update")
+    return _add(params, updates, donate)
+
+
+def _add(params: PyTree, updates: PyTree, donate: bool) -> PyTree:
     p, spec = flat(params)
     u = up_to(spec, updates)
     present = [i for i, x in enumerate(u) if x is not None]
@@ -181,10 +188,38 @@ def update_and_apply(
     ``donate=True``: ``params`` and ``state`` are consumed (do not read them again); the
     optimizer's ``update_in_place`` runs where it has one, and otherwise the updates are added
     into the params' buffers. ``donate=False``: pure."""
+    check_grads(params, grads)
     if donate and optimizer.update_in_place is not None:
         return optimizer.update_in_place(params, grads, state)
     updates, state = optimizer.update(grads, state, params)
-    return apply_updates(params, updates, donate=donate), state
+    return _add(params, updates, donate), state
+
+
+def check_grads(
+    params: PyTree, grads: PyTree, *, dtypes: bool = True, what: str = "gradient"
+) -> None:
+    """``grads`` must mirror ``params``: the same structure (a ``None`` hole allowed where no
+    gradient flows) and, leaf by leaf, the same shape and dtype; otherwise a ``ValueError``
+    naming the path. A (1, 32) gradient for a (65, 32) param would otherwise broadcast.
+    Shapes are static, so nothing is checked while compiling (the graph fixes them)."""
+    if torch.compiler.is_compiling():
+        return
+    p, spec = flat(params)
+    try:
+        g = up_to(spec, grads)
+    except ValueError:
+        wanted, got = set(tree.paths(params)), set(tree.paths(grads))
+        missing, extra = sorted(wanted - got)[:5], sorted(got - wanted)[:5]
+        raise ValueError(
+            f"the {what}s do not have the params' structure: missing {missing}, unexpected {extra}"
+        ) from None
+    for i, (x, dx) in enumerate(zip(p, g, strict=True)):
+        if dx is not None and (dx.shape != x.shape or (dtypes and dx.dtype != x.dtype)):
+            path = tree.paths(params)[i]
+            raise ValueError(
+                f"the {what} of {path} is {tuple(dx.shape)} {dx.dtype}, but the param is "
+                f"{tuple(x.shape)} {x.dtype}"
+            )
 
 
 def stateless(
