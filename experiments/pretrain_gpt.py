@@ -39,8 +39,7 @@ over the whole validation split) and the wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,60 +49,66 @@ import torch
 from tqdm import tqdm
 
 import functional_llm as fl
-from experiments import stdlib_text
-from functional_llm import checkpoint, data, losses, optim, random, train
+from experiments import cli, stdlib_text
+from functional_llm import checkpoint, data, losses, optim, random, runs, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
+    count, size, real = cli.positive_int, cli.nonnegative_int, cli.nonnegative_float
     a("--data", help="a UTF-8 text file (default: the Python standard library's source)")
-    a("--corpus-mb", type=float, default=4.0, help="size of the default stdlib corpus")
+    a("--corpus-mb", type=cli.positive_float, default=4.0, help="size of the default corpus")
     a("--tokenizer", choices=("char", "byte"), default="char")
     a("--out-dir", default="out/pretrain_gpt")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in out-dir")
+    cli.add_run_args(p)
     a("--flavour", choices=("gpt2", "llama"), default="gpt2",
       help="gpt2: nanoGPT's architecture; llama: RoPE, RMSNorm, SwiGLU, untied output")  # fmt: skip
-    a("--n-layer", type=int, default=4)
-    a("--n-head", type=int, default=4)
-    a("--n-embd", type=int, default=128)
-    a("--block-size", type=int, default=64)
-    a("--dropout", type=float, default=0.0)
+    a("--n-layer", type=count, default=4)
+    a("--n-head", type=count, default=4)
+    a("--n-embd", type=count, default=128)
+    a("--block-size", type=count, default=64)
+    a("--dropout", type=cli.rate, default=0.0)
     a("--bias", action="store_true", help="biases in linear layers and norms (nanoGPT: off)")
-    a("--batch-size", type=int, default=12)
-    a("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
-    a("--max-iters", type=int, default=2000)
-    a("--lr", type=float, default=1e-3)
-    a("--min-lr", type=float, default=1e-4)
-    a("--warmup-iters", type=int, default=100)
-    a("--lr-decay-iters", type=int, default=None, help="default: max-iters")
-    a("--beta2", type=float, default=0.99)
-    a("--weight-decay", type=float, default=0.1)
-    a("--grad-clip", type=float, default=1.0, help="0 turns clipping off")
-    a("--eval-interval", type=int, default=250)
-    a("--eval-iters", type=int, default=20)
-    a("--log-interval", type=int, default=10)
-    a("--ckpt-interval", type=int, default=500)
-    a("--seed", type=int, default=1337)
+    a("--batch-size", type=count, default=12)
+    a("--accumulate", type=count, default=1, help="micro-batches per step (accumulation)")
+    a("--max-iters", type=count, default=2000)
+    a("--lr", type=cli.positive_float, default=1e-3)
+    a("--min-lr", type=real, default=1e-4)
+    a("--warmup-iters", type=size, default=100)
+    a("--lr-decay-iters", type=count, default=None, help="default: max-iters")
+    a("--beta2", type=cli.rate, default=0.99)
+    a("--weight-decay", type=real, default=0.1)
+    a("--grad-clip", type=real, default=1.0, help="0 turns clipping off")
+    a("--eval-interval", type=count, default=250)
+    a("--eval-iters", type=count, default=20)
+    a("--log-interval", type=count, default=10)
+    a("--ckpt-interval", type=count, default=500)
+    a("--seed", type=size, default=1337)
     a("--compile", action="store_true", help="torch.compile the whole step (fullgraph)")
     a("--donate", action="store_true",
       help="eager only: steps reuse the old state's buffers (fused in-place AdamW)")  # fmt: skip
     a("--remat", action="store_true", help="recompute block activations in the backward pass")
     a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
-    a("--threads", type=int, default=None, help="torch intra-op threads")
-    a("--mesh", default=None, help="under torchrun: mesh axes, e.g. dp=2, dp=2,tp=2, pp=2")
-    a("--microbatches", type=int, default=2, help="with a pp axis: micro-batches per step")
+    a("--threads", type=count, default=None, help="torch intra-op threads")
+    a("--mesh", type=cli.mesh_spec, default=None,
+      help="under torchrun: mesh axes, e.g. dp=2, dp=2,tp=2, pp=2")  # fmt: skip
+    a("--timeout", type=cli.positive_float, default=300.0,
+      help="seconds a collective waits for a stalled rank before the run fails")  # fmt: skip
+    a("--microbatches", type=count, default=2, help="with a pp axis: micro-batches per step")
     a("--schedule", default="1f1b", choices=("1f1b", "gpipe"), help="with a pp axis")
     a("--rules", default=None, help="logical=mesh axis pairs, e.g. batch=dp,heads=tp,mlp=tp")
     a("--param-rules", default="", help="rules for stored params only, e.g. embed=dp (FSDP)")
     a("--fsdp", action="store_true", help="shorthand for --param-rules embed=dp")
-    a("--sample-chars", type=int, default=300)
+    a("--sample-chars", type=size, default=300)
     a("--no-plot", action="store_true")
     args = p.parse_args(argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     args.warmup_iters = min(args.warmup_iters, args.lr_decay_iters)
     if args.donate and args.compile:
         p.error("--donate is for eager steps; a compiled step returns fresh buffers")
+    if args.donate and args.skip_nonfinite:
+        p.error("--skip-nonfinite keeps the previous state, so it cannot --donate it")
     if args.mesh and args.donate:
         p.error("--donate runs on plain tensors; a sharded step does not donate")
     mesh = _pairs(args.mesh)
@@ -114,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "--compile": args.compile, "--bf16": args.bf16, "--remat": args.remat,
             "--resume": args.resume, "--dropout": args.dropout, "--rules": args.rules,
             "--param-rules": args.param_rules, "--fsdp": args.fsdp,
-            "--accumulate": args.accumulate != 1,
+            "--accumulate": args.accumulate != 1, "--skip-nonfinite": args.skip_nonfinite,
         }  # fmt: skip
         given = [flag for flag, value in unsupported.items() if value]
         if given:
@@ -142,7 +147,7 @@ def sharding(args: argparse.Namespace, model: Any) -> fl.parallel.Plan | None:
     implied = fl.parallel.Rules.for_mesh(shape, fsdp=args.fsdp)
     rules = _pairs(args.rules) if args.rules else implied.rules
     params = {**_pairs(args.param_rules), **implied.params}
-    mesh = fl.parallel.make_mesh(shape)
+    mesh = fl.parallel.make_mesh(shape, timeout=args.timeout)
     return fl.parallel.Plan(mesh, fl.parallel.Rules(rules, params), model.axes())
 
 
@@ -155,39 +160,30 @@ def pipelined(
     if "pp" not in shape:
         return None
     return fl.parallel.pipeline.PipelineStep(
-        model.stages(shape["pp"]), fl.parallel.make_mesh(shape), opt,
+        model.stages(shape["pp"]), fl.parallel.make_mesh(shape, timeout=args.timeout), opt,
         n_microbatches=args.microbatches, schedule=args.schedule,
         clip_norm=args.grad_clip or None,
     )  # fmt: skip
 
 
-def stdlib_corpus(max_mb: float) -> str:
-    """The standard library's ``.py`` files (tests skipped): every k-th in sorted order, about
-    ``max_mb`` MB, arranged so that every tenth chosen file comes last (the validation split)."""
-    root = stdlib_text.stdlib_root()
-    texts = []
-    for relative in stdlib_text.stdlib_sources():
-        try:
-            source = (root / relative).read_text(encoding="utf-8")
-            texts.append(f"# {relative.as_posix()}\n{source}\n")
-        except (UnicodeDecodeError, OSError):
-            continue
-    stride = max(1, math.ceil(sum(map(len, texts)) / (max_mb * 1e6)))
-    chosen = texts[::stride]
-    held_out = [t for i, t in enumerate(chosen) if i % 10 == 9]
-    return "".join([t for i, t in enumerate(chosen) if i % 10 != 9] + held_out)
-
-
 def corpus(args: argparse.Namespace, tok: Any = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The run's text (``--data`` or the stdlib corpus), its tokenizer (trained on the text
-    unless given), and the token ids split 90/10 into train and validation."""
-    text = Path(args.data).read_text(encoding="utf-8") if args.data else stdlib_corpus(
-        args.corpus_mb
-    )  # fmt: skip
+    unless given), and the token ids split 90/10 into train and validation; each split must
+    hold at least one window of ``--block-size`` + 1 tokens."""
+    text = data.read_text(args.data) if args.data else stdlib_text.stdlib_corpus(args.corpus_mb)
     if tok is None:
         tok = data.CharTokenizer.train(text) if args.tokenizer == "char" else data.ByteTokenizer()
-    ids = torch.from_numpy(tok.encode(text))
+    try:
+        ids = torch.from_numpy(tok.encode(text))
+    except ValueError as err:  # a character the resumed run's tokenizer has never seen
+        raise data.DataError(f"{args.data or 'the corpus'}: {err}") from None
     split = int(0.9 * len(ids))
+    if min(split, len(ids) - split) <= args.block_size:
+        raise data.DataError(
+            f"{args.data or 'the corpus'}: {len(ids):,} tokens split into {split:,} for training "
+            f"and {len(ids) - split:,} for validation; each needs more than --block-size "
+            f"{args.block_size}"
+        )
     return tok, ids[:split], ids[split:]
 
 
@@ -228,23 +224,16 @@ def estimate(eval_step, params, tokens, args, key) -> float:
     return train.evaluate(eval_step, params, batches)["loss"]
 
 
-def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
+OUTPUTS = ("checkpoints", "metrics.jsonl", "tokenizer.json", "loss.png", "samples.txt")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train (batch)")
-    for name in ("train_loss", "val_loss"):
-        ax.plot([r["step"] for r in evals], [r[name] for r in evals], "o-", label=name)
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=path.parent.name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def build(args: argparse.Namespace, tok: Any) -> tuple[Any, Any, Any, train.TrainState]:
+    """``(config, model, optimizer, fresh state)`` for a tokenizer's vocabulary."""
+    cfg = model_config(args, tok.vocab_size)
+    model = fl.models.GPT(cfg)
+    opt = optimizer(args)
+    k_init, k_train = random.split(random.key(args.seed), 5)[:2]
+    return cfg, model, opt, train.init_state(model.init(k_init), opt, k_train)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -253,60 +242,63 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the folder
+        runs.prepare(out, resume=args.resume, overwrite=args.overwrite, outputs=OUTPUTS)
     source = args.data or f"Python {sys.version.split()[0]} standard library source"
-    resumed_tok = args.resume and (out / "tokenizer.json").exists()
-    tok, train_ids, val_ids = corpus(
-        args, data.load_tokenizer(out / "tokenizer.json") if resumed_tok else None
-    )
-    if not resumed_tok:
+    ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
+    restored, saved_tok = None, None
+    if args.resume:  # the template comes from the checkpoint's own tokenizer
+
+        def like(meta: dict) -> dict:
+            nonlocal saved_tok
+            saved_tok = (
+                meta.get("tokenizer") or data.load_tokenizer(out / "tokenizer.json").to_json()
+            )
+            return {"state": build(args, data.tokenizer_from_json(saved_tok))[3]}
+
+        restored = cli.resume(ckpts, like)
+    tok = cli.same_tokenizer(out / "tokenizer.json", saved_tok) if restored else None
+    tok, train_ids, val_ids = corpus(args, tok)
+    if restored is None and int(os.environ.get("RANK", "0")) == 0:
         tok.save(out / "tokenizer.json")
 
-    cfg = model_config(args, tok.vocab_size)
-    model = fl.models.GPT(cfg)
+    cfg, model, opt, state = build(args, tok)
+    if restored is not None:
+        state = restored.state["state"]
     plan = sharding(args, model)
-    opt = optimizer(args)
     precision = train.Precision("float32", "bfloat16") if args.bf16 else None
     loss_fn = plan.loss(losses.next_token(model)) if plan else losses.next_token(model)
     step = train.make_step(
         loss_fn, opt, accumulate=args.accumulate, precision=precision,
-        clip_norm=args.grad_clip or None, donate=args.donate,
+        clip_norm=args.grad_clip or None, donate=args.donate, skip_nonfinite=args.skip_nonfinite,
     )  # fmt: skip
     eval_step = train.make_eval_step(loss_fn, precision)
     if args.compile:
         step = train.compile(step, fullgraph=plan is None)
         eval_step = train.compile(eval_step, fullgraph=plan is None)
 
-    k_init, k_train, k_data, k_eval, k_sample = random.split(random.key(args.seed), 5)
-    state = train.init_state(model.init(k_init), opt, k_train)
+    _, k_train, k_data, k_eval, k_sample = random.split(random.key(args.seed), 5)
     pipe = pipelined(args, model, opt)
     if pipe is not None:  # this rank's stage: its params and optimizer state
         template, step = state.params, pipe
         state = pipe.init_state(template, k_train)
-    ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
-    log_mode = "w"
-    if args.resume and ckpts.latest() is not None:
-        state = ckpts.load(like={"state": state})["state"]
-        log_mode = "a"
     if plan is not None:  # every rank holds the same state and batches; each keeps its shard
         state = plan.shard(state)
         step = _on_shards(plan, plan.step(step))
-    rank0 = (plan is None and pipe is None) or torch.distributed.get_rank() == 0
+    distributed = plan is not None or pipe is not None
+    rank0 = not distributed or torch.distributed.get_rank() == 0
     start = int(state.step)
     n_tokens, n_params = len(train_ids) + len(val_ids), fl.tree.size(state.params)
     say = print if rank0 else lambda *a, **k: None
     say(f"{source}: {n_tokens:,} tokens, vocab {tok.vocab_size}; {n_params:,} parameters; "
           f"steps {start}..{args.max_iters}")  # fmt: skip
 
-    meta = {"config": checkpoint.config_to_dict(cfg), "args": vars(args), "source": source}
-    records: list[dict] = []
-    log = (out / "metrics.jsonl").open(log_mode) if rank0 else None
-
-    def record(entry: dict) -> None:
-        records.append(entry)
-        if log is not None:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+    meta = {"config": checkpoint.config_to_dict(cfg), "args": vars(args), "source": source,
+            "tokenizer": tok.to_json()}  # fmt: skip
+    kept = restored.metadata.get("metrics_records") if restored else None
+    log = runs.MetricsLog(out / "metrics.jsonl", keep=kept) if rank0 else None
+    record = log.record if log is not None else lambda entry: None
+    guard = cli.Guard(args.skip_nonfinite)
 
     def full_params() -> Any:
         """Plain params (gathered on every rank: evaluation and sampling run unsharded)."""
@@ -314,15 +306,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             return pipe.gather(state.params, template)
         return plan.gather(state.params) if plan else state.params
 
-    def save(at: int) -> None:
+    def save(at: int, records: int | None = None) -> Path:
+        """Checkpoint step ``at``; ``records``: how many metrics records belong before it (a
+        resumed run keeps those), by default all so far."""
+        guard.check()  # a diverged state is never written
         if pipe is not None:  # each stage holds its own optimizer state: params-only checkpoints
             full, what = full_params(), "params"
         else:
             full, what = (plan.gather(state) if plan else state), "state"  # a collective
         if rank0:
-            ckpts.save(at, {what: full}, meta)
+            kept = len(log.records) if records is None else records
+            ckpts.save(at, {what: full}, {**meta, "metrics_records": kept})
+        return ckpts.path(at)
 
     def evaluation(at: int) -> dict:
+        guard.check()
         key = random.fold_in(k_eval, at)
         entry = {"step": at}
         for i, (name, tokens) in enumerate((("train_loss", train_ids), ("val_loss", val_ids))):
@@ -330,38 +328,61 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         record(entry)
         return entry
 
+    def stopping(stop: runs.Stop, done: int) -> bool:
+        """Whether to stop after step ``done``: every step alone; at log points when
+        distributed, where the ranks agree (a signal may reach only some of them)."""
+        if not distributed:
+            return bool(stop)
+        if done % args.log_interval:
+            return False
+        flag = torch.tensor(float(bool(stop)))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag)
+
     train_started = time.perf_counter()
     bar = tqdm(
         range(start, args.max_iters), initial=start, total=args.max_iters, mininterval=1,
         disable=not rank0,
     )  # fmt: skip
-    for it in bar:
-        if it % args.eval_interval == 0:
-            e = evaluation(it)
-            bar.set_postfix(train=f"{e['train_loss']:.3f}", val=f"{e['val_loss']:.3f}")
-        batch = data.sample_windows(
-            train_ids, random.fold_in(k_data, it), args.batch_size * args.accumulate,
-            args.block_size,
-        )  # fmt: skip
-        state, metrics = step(state, batch)
-        if (it + 1) % args.log_interval == 0:
-            record({"step": it + 1, **{k: float(v) for k, v in metrics.items()}})
-        if (it + 1) % args.ckpt_interval == 0:
-            save(it + 1)
+    with runs.interruptible() as stop:
+        for it in bar:
+            if it % args.eval_interval == 0:
+                e = evaluation(it)
+                bar.set_postfix(train=f"{e['train_loss']:.3f}", val=f"{e['val_loss']:.3f}")
+            batch = data.sample_windows(
+                train_ids, random.fold_in(k_data, it), args.batch_size * args.accumulate,
+                args.block_size,
+            )  # fmt: skip
+            state, metrics = step(state, batch)
+            guard.watch(it + 1, metrics)
+            if (it + 1) % args.log_interval == 0:
+                guard.check()
+                record({"step": it + 1, **{k: float(v) for k, v in metrics.items()}})
+            if (it + 1) % args.ckpt_interval == 0:
+                save(it + 1)
+            if stopping(stop, it + 1) and it + 1 < args.max_iters:
+                path = save(it + 1)
+                bar.close()
+                say(f"stopped by {stop.signal or 'a signal to another rank'} after step "
+                    f"{it + 1}: saved {path}; continue with --resume")  # fmt: skip
+                raise SystemExit(stop.exit_code if stop else 1)
     train_seconds = time.perf_counter() - train_started
+    trained = len(log.records) if log is not None else 0  # the final evaluation comes after
 
     final = evaluation(args.max_iters)
     full_val = train.evaluate(
         eval_step, full_params(), data.eval_windows(val_ids, 64, args.block_size)
     )["loss"]
     record({"step": args.max_iters, "full_val_loss": full_val})
-    save(args.max_iters)
+    save(args.max_iters, trained)
     params = full_params()
-    if not rank0:
+    if log is None:
         return {"val_loss": final["val_loss"], "full_val_loss": full_val}
     log.close()
     if not args.no_plot:
-        plot(records, out / "loss.png")
+        cli.plot_losses(log.records, out / "loss.png")
+    if guard.skip:
+        say(f"{int(guard.skipped)} steps skipped for a non-finite loss or gradient")
     prompt = val_ids[: args.block_size // 2][None]
     generated = fl.generate.sample(
         model, params, prompt, args.sample_chars, k_sample, temperature=0.8, top_k=20
@@ -386,7 +407,7 @@ def _on_shards(plan: fl.parallel.Plan, fn: Any) -> Any:
 
 if __name__ == "__main__":
     try:
-        main()
+        cli.main_guard(main)
     finally:  # under torchrun: leave the group before exit (its threads must not outlive it)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -23,6 +23,7 @@ Derived tasks (labels come from the source's structure, not from people):
 from __future__ import annotations
 
 import ast
+import math
 import re
 import sysconfig
 from dataclasses import dataclass
@@ -66,6 +67,23 @@ def stdlib_sources(skip: frozenset[str] = TESTS) -> list[Path]:
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_corpus(max_mb: float) -> str:
+    """The standard library's ``.py`` files (tests skipped): every k-th in sorted order, about
+    ``max_mb`` MB, arranged so that every tenth chosen file comes last (the validation split)."""
+    root = stdlib_root()
+    texts = []
+    for relative in stdlib_sources():
+        try:
+            source = (root / relative).read_text(encoding="utf-8")
+            texts.append(f"# {relative.as_posix()}\n{source}\n")
+        except (UnicodeDecodeError, OSError):
+            continue
+    stride = max(1, math.ceil(sum(map(len, texts)) / (max_mb * 1e6)))
+    chosen = texts[::stride]
+    held_out = [t for i, t in enumerate(chosen) if i % 10 == 9]
+    return "".join([t for i, t in enumerate(chosen) if i % 10 != 9] + held_out)
 
 
 @cache

@@ -265,12 +265,14 @@ def _library_version() -> str:
 
 
 class Restored(NamedTuple):
-    """What :meth:`Checkpointer.restore` found: the step, the state, and the newer checkpoints
-    it passed over, each with the reason (damaged, or holding non-finite values)."""
+    """What :meth:`Checkpointer.restore` found: the step, the state, the newer checkpoints it
+    passed over (each with the reason: damaged, or holding non-finite values), and the
+    checkpoint's metadata."""
 
     step: int
     state: Any
     skipped: list[tuple[Path, str]]
+    metadata: dict[str, Any]
 
 
 class Checkpointer:
@@ -343,8 +345,10 @@ class Checkpointer:
         """The newest checkpoint that reads back intact (and, with ``finite``, holds only
         finite floats), or ``None`` when the directory has none. Damaged newer ones are passed
         over and listed in ``skipped``; a checkpoint that does not fit ``like`` is an error,
-        not skipped (the run's configuration changed). From then on this checkpointer saves
-        under the restored checkpoint's run id."""
+        not skipped (the run's configuration changed). ``like`` may be a function of the
+        checkpoint's metadata that returns the template (when the template depends on what
+        the run saved: its tokenizer, its config). From then on this checkpointer saves under
+        the restored checkpoint's run id."""
         skipped: list[tuple[Path, str]] = []
         for step in reversed(self.steps()):
             path = self.path(step)
@@ -353,12 +357,12 @@ class Checkpointer:
                 if finite and not meta["finite"]:
                     skipped.append((path, "it holds non-finite values"))
                     continue
-                state = load(path, like)
+                state = load(path, like(meta) if callable(like) else like)
             except DamagedCheckpoint as err:
                 skipped.append((path, str(err)))
                 continue
             self.run = meta.get("run", self.run)
-            return Restored(step, state, skipped)
+            return Restored(step, state, skipped, meta)
         if skipped:
             reasons = "\n  ".join(f"{p.name}: {why}" for p, why in skipped)
             raise CheckpointError(f"no usable checkpoint in {self.directory}:\n  {reasons}")

@@ -50,6 +50,7 @@ __all__ = [
     "TrainState",
     "compile",
     "evaluate",
+    "first_nonfinite",
     "init_state",
     "make_eval_step",
     "make_step",
@@ -229,6 +230,7 @@ def make_step(
     precision: Precision | None = None,
     donate: bool = False,
     grad_method: str = "autograd",
+    skip_nonfinite: bool = False,
 ) -> Step:
     """A pure train step ``(state, batch) -> (state, metrics)``.
 
@@ -240,6 +242,10 @@ def make_step(
       the new params and optimizer state into its buffers, with the optimizer's
       ``update_in_place`` where it has one (:func:`~functional_llm.optim.adamw`: the fused
       kernel of ``torch.optim.AdamW``). Eager only: a compiled step takes ``donate=False``.
+    * ``skip_nonfinite=True``: a step whose loss or gradient norm is not finite leaves the
+      params and optimizer state as they were (Optax's ``apply_if_finite``), with no host sync;
+      ``metrics["skipped"]`` is 1.0 for such a step. Without it a non-finite step is applied:
+      watch for it with :func:`first_nonfinite`.
 
     metrics: ``loss``, the loss's aux (``nll``, ``accuracy``, ``count``, ...), ``grad_norm``
     (before clipping), ``tokens`` (= ``count`` when reported) and, when the optimizer injects it
@@ -250,6 +256,8 @@ def make_step(
         raise ValueError(f"make_step: accumulate must be >= 1, got {accumulate}")
     if clip_norm is not None and clip_norm <= 0:
         raise ValueError(f"make_step: clip_norm must be positive, got {clip_norm}")
+    if skip_nonfinite and donate:
+        raise ValueError("make_step: skip_nonfinite keeps the old state, so it cannot donate it")
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = random.fold_in(state.key, state.step)
@@ -264,6 +272,16 @@ def make_step(
             optimizer, state.params, grads, state.opt_state, donate=donate
         )
         metrics = {**aux, "loss": loss, "grad_norm": norm}
+        if skip_nonfinite:
+            ok = torch.isfinite(loss) & torch.isfinite(norm)
+            params, opt_state = optree.tree_map(
+                lambda new, old: (
+                    torch.where(ok, new, old) if isinstance(new, torch.Tensor) else new
+                ),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+            metrics["skipped"] = (~ok).float()
         if "count" in aux:
             metrics["tokens"] = aux["count"]
         if "learning_rate" in (injected := hyperparams(opt_state)):
@@ -271,6 +289,23 @@ def make_step(
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     return step
+
+
+def first_nonfinite(
+    first: torch.Tensor | None, step: int | torch.Tensor, metrics: Metrics
+) -> torch.Tensor:
+    """The first step number whose ``loss`` or ``grad_norm`` was not finite, or -1 while none
+    was: ``first = first_nonfinite(first, t, metrics)`` after each step (``first=None`` to
+    start). It is a tensor carried from step to step, so watching costs no host sync; read it
+    (``int(first)``) where the run syncs anyway: when it logs, evaluates or checkpoints."""
+    bad = ~torch.isfinite(metrics["loss"])
+    if "grad_norm" in metrics:
+        bad = bad | ~torch.isfinite(metrics["grad_norm"])
+    device = metrics["loss"].device
+    if first is None:
+        first = torch.full((), -1, dtype=torch.int64, device=device)
+    step = torch.as_tensor(step, dtype=torch.int64, device=device)
+    return torch.where((first < 0) & bad, step, first)
 
 
 def make_eval_step(

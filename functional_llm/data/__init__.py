@@ -29,7 +29,12 @@ from functional_llm.data.squad import (
     token_span,
 )
 from functional_llm.data.subword import SPECIALS, Encoded, SubwordTokenizer
-from functional_llm.data.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
+from functional_llm.data.tokenizers import (
+    ByteTokenizer,
+    CharTokenizer,
+    load_tokenizer,
+    tokenizer_from_json,
+)
 from functional_llm.data.transforms import BatchOrder, mask_tokens, nsp_pairs, pad_batch
 
 __all__ = [
@@ -64,6 +69,7 @@ __all__ = [
     "read_tokens",
     "sample_windows",
     "token_span",
+    "tokenizer_from_json",
     "word_predictions",
     "write_tokens",
 ]

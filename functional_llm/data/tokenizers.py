@@ -25,7 +25,7 @@ from functional_llm.data.reading import DataError, field, read_json
 from functional_llm.data.subword import SubwordTokenizer
 from functional_llm.files import write_atomic
 
-__all__ = ["ByteTokenizer", "CharTokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "CharTokenizer", "load_tokenizer", "tokenizer_from_json"]
 
 Ids = list[int] | np.ndarray | torch.Tensor
 
@@ -78,8 +78,11 @@ class CharTokenizer:
     def decode(self, ids: Ids) -> str:
         return "".join(self.chars[i] for i in _as_list(ids))
 
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "char", "chars": self.chars}
+
     def save(self, path: str | os.PathLike) -> None:
-        _write_json(path, {"type": "char", "chars": self.chars})
+        _write_json(path, self.to_json())
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,25 @@ class ByteTokenizer:
     def decode(self, ids: Ids) -> str:
         return bytes(_as_list(ids)).decode("utf-8", errors="replace")
 
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "byte"}
+
     def save(self, path: str | os.PathLike) -> None:
-        _write_json(path, {"type": "byte"})
+        _write_json(path, self.to_json())
 
 
 def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | ByteTokenizer | SubwordTokenizer:
     """Read a tokenizer written by ``save`` (JSON only; nothing is executed). A file that is
     truncated, of an unknown type or inconsistent is a ``DataError`` naming it."""
-    data = read_json(path)
+    return tokenizer_from_json(read_json(path), str(path))
+
+
+def tokenizer_from_json(
+    data: Any, source: str = "tokenizer"
+) -> CharTokenizer | ByteTokenizer | SubwordTokenizer:
+    """The tokenizer that ``to_json()`` described (as saved in a checkpoint's metadata);
+    ``source`` names where the data came from in errors."""
+    path = source
     kind = data.get("type") if isinstance(data, dict) else None
     try:
         if kind == "char":

@@ -1,0 +1,166 @@
+"""What the experiments share on the command line: flag types that validate when parsed,
+resuming into a guarded output folder, the divergence guard, and one-line errors.
+
+A user error (a bad flag, a data file that cannot be used, a folder that holds another run,
+a run that diverged) ends with one line on stderr naming the flag, file or step, and a non-zero
+exit code; a traceback means a bug of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from functional_llm import checkpoint, data, runs, train
+from functional_llm.types import Metrics
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm became non-finite."""
+
+
+USER_ERRORS = (data.DataError, checkpoint.CheckpointError, runs.RunDirError, Diverged, OSError)
+
+
+def main_guard(main: Callable[[], Any]) -> NoReturn:
+    """Run ``main()`` as a command: user errors print one line and exit with 2 (3 for a
+    diverged run); everything else propagates."""
+    try:
+        main()
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(3 if isinstance(err, Diverged) else 2) from None
+    raise SystemExit(0)
+
+
+def _number(kind: type, low: float, low_ok: bool, high: float | None = None) -> Callable:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (value == low and not low_ok) or (high is not None and value >= high):
+            bound = f">= {low}" if low_ok else f"> {low}"
+            bound += "" if high is None else f" and < {high}"
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 0, False)
+nonnegative_int = _number(int, 0, True)
+positive_float = _number(float, 0.0, False)
+nonnegative_float = _number(float, 0.0, True)
+rate = _number(float, 0.0, True, 1.0)  # dropout, masking: a probability below 1
+
+
+def mesh_spec(text: str) -> str:
+    """``--mesh`` as ``axis=size`` pairs, e.g. ``dp=2,tp=2``: identifiers, sizes >= 1, no
+    repeats."""
+    seen = set()
+    for item in text.split(","):
+        name, eq, size = item.partition("=")
+        name = name.strip()
+        if not eq or not name.isidentifier() or not size.strip().isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected axis=size pairs such as dp=2 or dp=2,tp=2, got {item!r}"
+            )
+        if name in seen:
+            raise argparse.ArgumentTypeError(f"{text!r}: axis {name!r} is given twice")
+        seen.add(name)
+    return text
+
+
+def add_run_args(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
+    """``--overwrite`` (and ``--resume``): what to do with an output folder that holds a run."""
+    a = p.add_argument
+    if resume:
+        a("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    a("--overwrite", action="store_true", help="replace the run in out-dir (its outputs only)")
+    a("--skip-nonfinite", action="store_true",
+      help="skip a step whose loss or gradient is not finite (default: stop)")  # fmt: skip
+
+
+def resume(
+    ckpts: checkpoint.Checkpointer, like: Any, say: Callable[[str], None] = print
+) -> checkpoint.Restored | None:
+    """The newest intact checkpoint (saying which, and which newer ones were passed over), or
+    None; a folder that holds files but no checkpoint cannot be resumed."""
+    restored = ckpts.restore(like)
+    if restored is None:
+        out = ckpts.directory.parent
+        held = sorted(p.name for p in out.iterdir() if p != ckpts.directory) if out.is_dir() else []
+        if held:
+            raise runs.RunDirError(
+                f"--resume: {out} holds {', '.join(held[:4])} but no checkpoint to resume; "
+                "pass --overwrite to start over"
+            )
+        say(f"--resume: no checkpoint in {ckpts.directory}; starting from step 0")
+        return None
+    for path, why in restored.skipped:
+        say(f"--resume: passed over {path.name}: {why}")
+    say(f"resuming from {ckpts.path(restored.step)} (step {restored.step})")
+    return restored
+
+
+def same_tokenizer(path: Path, saved: dict[str, Any]) -> Any:
+    """The tokenizer a checkpoint recorded; ``path`` (the run's ``tokenizer.json``) is written
+    from it when missing, and must agree with it when present."""
+    tok = data.tokenizer_from_json(saved, "the checkpoint's tokenizer")
+    if not path.exists():
+        tok.save(path)
+    elif data.load_tokenizer(path).to_json() != saved:
+        raise runs.RunDirError(
+            f"{path} differs from the tokenizer the checkpoint was trained with (edited or "
+            "replaced?); remove it to have it written again from the checkpoint"
+        )
+    return tok
+
+
+class Guard:
+    """Watches every step for a non-finite loss or gradient norm without a host sync, and
+    stops the run where it syncs anyway (:meth:`check`: logging, evaluation, checkpoints).
+    With ``skip`` the step itself skips such updates, and the guard only counts them."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip, self.first, self.skipped = skip, None, torch.zeros(())
+
+    def watch(self, step: int, metrics: Metrics) -> None:
+        if self.skip:
+            self.skipped = self.skipped + metrics["skipped"]
+        else:
+            self.first = train.first_nonfinite(self.first, step, metrics)
+
+    def check(self) -> None:
+        if self.first is not None and (bad := int(self.first)) >= 0:
+            raise Diverged(
+                f"the loss or gradient norm became non-finite at step {bad}; the run stopped and "
+                "saved nothing after it (lower --lr, or pass --skip-nonfinite to skip such steps)"
+            )
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """The batch loss and the evaluations of a pretraining run's whole history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train (batch)")
+    for name in ("train_loss", "val_loss"):
+        ax.plot([r["step"] for r in evals], [r[name] for r in evals], "o-", label=name)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=path.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
