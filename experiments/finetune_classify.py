@@ -21,13 +21,12 @@ import argparse
 import collections
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 
 import functional_llm as fl
+from experiments import cli, stdlib_text
 from experiments import finetune_common as common
-from experiments import stdlib_text
 from functional_llm import data, losses, metrics, random
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -64,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--dev", help="CSV/TSV/JSONL dev file (needed with --train)")
     common.add_args(p, "out/finetune_classify")
     args = p.parse_args(argv)
+    run = common.open_run(args)
     train_ex, dev_ex = common.train_dev(
         p, args, data.read_classification, stdlib_text.classify_task
     )
@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pred = [int(np.argmax(s)) for s in common.predict(model, params, dev_f, pad, False)]
         return {"accuracy": metrics.accuracy(pred, gold), "macro_f1": metrics.macro_f1(pred, gold)}
 
-    run = common.Run(Path(args.out_dir))
     loss = losses.classification(model)
     _, final = common.fit(args, loss, params, model, train_f, pad, evaluate, run)
     baseline = naive_bayes(train_ex, dev_ex)
@@ -99,4 +98,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,19 +19,20 @@ import torch
 from tqdm import tqdm
 
 import functional_llm as fl
-from functional_llm import checkpoint, data, finetune, optim, random, train
+from experiments import cli
+from functional_llm import checkpoint, data, finetune, optim, random, runs, train
 from functional_llm.lora import LoRA
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The shape of a fresh backbone (the same defaults in every script)."""
-    a = p.add_argument
-    a("--max-length", type=int, default=128)
-    a("--d-model", type=int, default=128)
-    a("--n-layers", type=int, default=4)
-    a("--n-heads", type=int, default=4)
-    a("--d-ff", type=int, default=512)
-    a("--dropout", type=float, default=0.1)
+    a, count = p.add_argument, cli.positive_int
+    a("--max-length", type=count, default=128)
+    a("--d-model", type=count, default=128)
+    a("--n-layers", type=count, default=4)
+    a("--n-heads", type=count, default=4)
+    a("--d-ff", type=count, default=512)
+    a("--dropout", type=cli.rate, default=0.1)
 
 
 def model_fields(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
@@ -44,25 +44,35 @@ def model_fields(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
 
 
 def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
-    a = p.add_argument
+    a, count = p.add_argument, cli.positive_int
     a("--pretrained", help="a pretrain_bert.py output directory (default: a fresh backbone)")
     a("--backbone", choices=("bert", "gpt"), default="bert", help="fresh backbone's family")
-    a("--vocab-size", type=int, default=4000, help="fresh tokenizer's vocabulary")
+    a("--vocab-size", type=count, default=4000, help="fresh tokenizer's vocabulary")
     add_model_args(p)
-    a("--epochs", type=int, default=epochs)
-    a("--batch-size", type=int, default=32)
-    a("--lr", type=float, default=3e-4)
-    a("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
-    a("--weight-decay", type=float, default=0.01)
+    a("--epochs", type=count, default=epochs)
+    a("--batch-size", type=count, default=32)
+    a("--lr", type=cli.positive_float, default=3e-4)
+    a("--warmup", type=cli.rate, default=0.1, help="fraction of the steps spent warming up")
+    a("--weight-decay", type=cli.nonnegative_float, default=0.01)
     a("--freeze", action="append", default=[], help="glob of params to freeze (repeatable)")
-    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (1: off)")
-    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: off)")
-    a("--lora-alpha", type=float, default=16.0)
-    a("--max-train", type=int, default=None, help="use only the first N training examples")
-    a("--seed", type=int, default=0)
-    a("--threads", type=int, default=None)
+    a("--layer-decay", type=cli.positive_float, default=1.0, help="layer-wise lr decay (1: off)")
+    a("--lora-rank", type=cli.nonnegative_int, default=0, help="LoRA adapters' rank (0: off)")
+    a("--lora-alpha", type=cli.positive_float, default=16.0)
+    a("--max-train", type=count, default=None, help="use only the first N training examples")
+    a("--seed", type=cli.nonnegative_int, default=0)
+    a("--threads", type=count, default=None)
     a("--out-dir", default=out_dir)
+    cli.add_run_args(p, resume=False)
     a("--no-plot", action="store_true")
+
+
+OUTPUTS = ("metrics.jsonl", "curves.png", "model.safetensors")
+
+
+def open_run(args: argparse.Namespace) -> Run:
+    """The run's folder, guarded (:func:`functional_llm.runs.prepare`), and its metrics log."""
+    out = runs.prepare(args.out_dir, resume=False, overwrite=args.overwrite, outputs=OUTPUTS)
+    return Run(out)
 
 
 def train_dev(
@@ -76,6 +86,11 @@ def train_dev(
     if bool(args.train) != bool(args.dev):
         p.error("--train and --dev go together")
     train_part, dev_part = (read(args.train), read(args.dev)) if args.train else default()
+    for name, part in (("training", train_part), ("dev", dev_part)):
+        if not part:
+            raise data.DataError(
+                f"{getattr(args, name[:5]) or 'the default task'}: no {name} examples"
+            )
     return train_part[: args.max_train], dev_part
 
 
@@ -114,17 +129,19 @@ def collate(pad_id: int, fields: Sequence[str]) -> Callable[[list[dict]], dict]:
 
 
 class Run:
-    """Metrics as JSONL (one line per record) and a plot of the learning curves."""
+    """Metrics as strict JSON Lines (:class:`functional_llm.runs.MetricsLog`; ``keep``: the
+    records a resumed run keeps) and a plot of the learning curves."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, keep: int | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        self.out, self.records = out, []
-        self._log = (out / "metrics.jsonl").open("w")
+        self.out, self._log = out, runs.MetricsLog(out / "metrics.jsonl", keep=keep)
+
+    @property
+    def records(self) -> list[dict]:
+        return self._log.records
 
     def record(self, entry: dict) -> None:
-        self.records.append(entry)
-        self._log.write(json.dumps(entry) + "\n")
-        self._log.flush()
+        self._log.record(entry)
 
     def close(self, plot: bool, metric: str) -> None:
         self._log.close()
@@ -179,7 +196,10 @@ def fit(
     if args.layer_decay < 1.0:
         depth = head_model.backbone.config.n_layers
         opt = optim.chain(opt, finetune.layerwise_decay(args.layer_decay, depth))
-    step = train.make_step(lambda t, b, k: loss_fn(effective(t), b, k), opt, clip_norm=1.0)
+    step = train.make_step(
+        lambda t, b, k: loss_fn(effective(t), b, k), opt, clip_norm=1.0,
+        skip_nonfinite=args.skip_nonfinite,
+    )  # fmt: skip
     state = train.init_state(trainable, opt, k_train)
     n_trained, _ = finetune.count_trainable(trainable, tuple(args.freeze))
     print(f"{len(examples):,} training examples, {total} steps; {n_trained:,} of "
@@ -187,23 +207,42 @@ def fit(
     started = time.perf_counter()
     bar = tqdm(total=total, mininterval=1)
     final: dict[str, float] = {}
-    for epoch in range(args.epochs):
-        order = data.BatchOrder(len(examples), args.batch_size, k_data, epoch=epoch,
-                                lengths=lengths, bucket=50)  # fmt: skip
-        loader = torch.utils.data.DataLoader(examples, batch_sampler=order, collate_fn=pad)
-        for batch in loader:
-            state, metrics = step(state, batch)
-            bar.update()
-            if int(state.step) % 10 == 0:
-                run.record({"step": int(state.step), **{k: float(v) for k, v in metrics.items()}})
-                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        final = evaluate(effective(state.params))
-        run.record({"step": int(state.step), "epoch": epoch + 1, **final})
-        bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    guard = cli.Guard(args.skip_nonfinite)
+    path = Path(args.out_dir) / "model.safetensors"
+
+    def save(**extra: Any) -> None:
+        guard.check()  # a diverged model is never written
+        saved = state.params if args.lora_rank else effective(state.params)
+        checkpoint.save(path, saved, {"args": vars(args), "step": int(state.step), **extra})
+
+    with runs.interruptible() as stop:
+        for epoch in range(args.epochs):
+            order = data.BatchOrder(len(examples), args.batch_size, k_data, epoch=epoch,
+                                    lengths=lengths, bucket=50)  # fmt: skip
+            loader = torch.utils.data.DataLoader(examples, batch_sampler=order, collate_fn=pad)
+            for batch in loader:
+                state, metrics = step(state, batch)
+                guard.watch(int(state.step), metrics)
+                bar.update()
+                if int(state.step) % 10 == 0:
+                    guard.check()
+                    run.record(
+                        {"step": int(state.step), **{k: float(v) for k, v in metrics.items()}}
+                    )
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+                if stop and int(state.step) < total:
+                    save(interrupted=True)
+                    bar.close()
+                    print(f"stopped by {stop.signal} after step {int(state.step)} of {total}: "
+                          f"saved the model so far to {path}")  # fmt: skip
+                    raise SystemExit(stop.exit_code)
+            guard.check()
+            final = evaluate(effective(state.params))
+            run.record({"step": int(state.step), "epoch": epoch + 1, **final})
+            bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     bar.close()
     final["train_s"] = time.perf_counter() - started
-    saved = state.params if args.lora_rank else effective(state.params)
-    checkpoint.save(Path(args.out_dir) / "model.safetensors", saved, {"args": vars(args)})
+    save()
     return effective(state.params), final
 
 

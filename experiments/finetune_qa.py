@@ -19,11 +19,10 @@ baseline that always answers "no answer".
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import functional_llm as fl
+from experiments import cli, stdlib_text
 from experiments import finetune_common as common
-from experiments import stdlib_text
 from functional_llm import data, losses, metrics, random
 
 
@@ -31,16 +30,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--train", help="SQuAD JSON training file (default: stdlib cloze task)")
     p.add_argument("--dev", help="SQuAD JSON dev file")
-    p.add_argument("--holdout-every", type=int, default=None,
+    p.add_argument("--holdout-every", type=cli.positive_int, default=None,
                    help="score on every K-th article of --train instead of --dev")  # fmt: skip
-    p.add_argument("--doc-stride", type=int, default=64)
-    p.add_argument("--max-query", type=int, default=32)
-    p.add_argument("--max-answer-tokens", type=int, default=30)
+    p.add_argument("--doc-stride", type=cli.positive_int, default=64)
+    p.add_argument("--max-query", type=cli.positive_int, default=32)
+    p.add_argument("--max-answer-tokens", type=cli.positive_int, default=30)
     common.add_args(p, "out/finetune_qa", epochs=3)
     p.set_defaults(max_length=192)
     args = p.parse_args(argv)
     if args.train and bool(args.dev) == bool(args.holdout_every):
         p.error("--train needs either --dev or --holdout-every")
+    if args.holdout_every == 1:
+        p.error("--holdout-every 1 would hold out every article and train on none; use >= 2")
+    run = common.open_run(args)
     if args.train and args.dev:
         train_ex, dev_ex = data.read_squad(args.train), data.read_squad(args.dev)
     elif args.train:
@@ -84,7 +86,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             out["HasAns_f1_forced"] = metrics.squad_scores(answerable, forced)["f1"]
         return out
 
-    run = common.Run(Path(args.out_dir))
     print(f"{len(train_f):,} training windows, {len(dev_f):,} dev windows")
     _, final = common.fit(args, losses.qa_span(model), params, model, train_f, pad, evaluate, run)
     run.record({"final": True, **final, "no_answer_exact": no_answer["exact"]})
@@ -99,4 +100,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

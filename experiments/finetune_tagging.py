@@ -17,13 +17,12 @@ Writes ``metrics.jsonl``, ``curves.png`` and ``model.safetensors`` to ``--out-di
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 import functional_llm as fl
+from experiments import cli, stdlib_text
 from experiments import finetune_common as common
-from experiments import stdlib_text
 from functional_llm import data, losses, metrics, random
 
 
@@ -34,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--scheme", choices=("bio", "bioes"), default="bio")
     common.add_args(p, "out/finetune_tagging", epochs=4)
     args = p.parse_args(argv)
+    run = common.open_run(args)
     train_s, dev_s = common.train_dev(p, args, data.read_conll, stdlib_text.tagging_task)
     if args.scheme == "bioes":
         train_s = [(w, data.bio_to_bioes(t)) for w, t in train_s]
@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {**metrics.entity_scores(predicted, gold),
                 "word_accuracy": metrics.accuracy(flat_p, flat_g)}  # fmt: skip
 
-    run = common.Run(Path(args.out_dir))
     loss = losses.token_classification(model)
     _, final = common.fit(args, loss, params, model, train_f, pad, evaluate, run)
     run.record({"final": True, **final})
@@ -74,4 +73,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)

@@ -38,38 +38,44 @@ import torch
 from tqdm import tqdm
 
 import functional_llm as fl
+from experiments import cli, stdlib_text
 from experiments import finetune_common as common
-from experiments import stdlib_text
-from functional_llm import checkpoint, data, losses, metrics, optim, random, train
+from functional_llm import checkpoint, data, losses, metrics, optim, random, runs, train
 from functional_llm.losses import IGNORE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
+    count = cli.positive_int
     a("--data", action="append", default=[], help="text/TSV/CSV/JSONL/SQuAD file (repeatable)")
     a("--with-stdlib", action="store_true", help="add the stdlib prose to --data")
-    a("--vocab-size", type=int, default=8000)
+    a("--vocab-size", type=count, default=8000)
     a("--tokenizer", help="a saved tokenizer.json to use instead of training one")
     common.add_model_args(p)
-    a("--batch-size", type=int, default=32)
-    a("--max-steps", type=int, default=1000)
-    a("--lr", type=float, default=1e-3)
-    a("--warmup", type=int, default=100)
-    a("--decay-steps", type=int, default=None, help="cosine schedule length (default: max-steps)")
-    a("--weight-decay", type=float, default=0.01)
-    a("--mask-rate", type=float, default=0.15)
+    a("--batch-size", type=count, default=32)
+    a("--max-steps", type=count, default=1000)
+    a("--lr", type=cli.positive_float, default=1e-3)
+    a("--warmup", type=cli.nonnegative_int, default=100)
+    a("--decay-steps", type=count, default=None, help="cosine schedule length (default: max-steps)")
+    a("--weight-decay", type=cli.nonnegative_float, default=0.01)
+    a("--mask-rate", type=cli.rate, default=0.15)
     a("--whole-word", action="store_true", help="mask every piece of a chosen word")
-    a("--nsp-weight", type=float, default=1.0)
-    a("--eval-interval", type=int, default=250)
-    a("--eval-batches", type=int, default=20)
-    a("--ckpt-interval", type=int, default=500)
-    a("--resume", action="store_true")
-    a("--seed", type=int, default=0)
-    a("--threads", type=int, default=None)
+    a("--nsp-weight", type=cli.nonnegative_float, default=1.0)
+    a("--eval-interval", type=count, default=250)
+    a("--eval-batches", type=count, default=20)
+    a("--ckpt-interval", type=count, default=500)
+    cli.add_run_args(p)
+    a("--seed", type=cli.nonnegative_int, default=0)
+    a("--threads", type=count, default=None)
     a("--out-dir", default="out/pretrain_bert")
     a("--no-plot", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mask_rate == 0:
+        p.error("--mask-rate must be > 0: masked-language modelling needs masked tokens")
+    if args.max_length < 5:  # [CLS] a [SEP] b [SEP] with one token per segment
+        p.error(f"--max-length {args.max_length} leaves no room for two segments; use >= 5")
+    return args
 
 
 def read_documents(args: argparse.Namespace) -> tuple[list[list[str]], list[list[str]]]:
@@ -84,7 +90,7 @@ def read_documents(args: argparse.Namespace) -> tuple[list[list[str]], list[list
             contexts = dict.fromkeys(e.context for e in data.read_squad(path))
             docs += [stdlib_text.sentences(c) for c in contexts]
         else:
-            text = path.read_text(encoding="utf-8")
+            text = data.read_text(path)
             docs += [stdlib_text.sentences(block) for block in text.split("\n\n")]
     docs = [d for d in docs if d]
     train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
@@ -93,7 +99,11 @@ def read_documents(args: argparse.Namespace) -> tuple[list[list[str]], list[list
         more_train, more_held = stdlib_text.documents()
         train_docs, held = train_docs + more_train, held + more_held
     if len(held) < 2:
-        raise SystemExit(f"{len(docs)} documents hold out {len(held)}; give at least 20")
+        files = ", ".join(args.data)
+        raise data.DataError(
+            f"{files}: {len(docs)} documents (of 4+ word sentences) hold out {len(held)} for "
+            "evaluation; give at least 20"
+        )
     return train_docs, held
 
 
@@ -154,28 +164,11 @@ def masked(batch: dict, key: torch.Tensor, tok: Any, args: argparse.Namespace) -
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_docs, held_docs = read_documents(args)
-    if args.resume and (out / "tokenizer.json").exists():
-        tok = data.load_tokenizer(out / "tokenizer.json")
-    else:
-        # WordPiece training is not reproducible across processes (huggingface/tokenizers#1794),
-        # so a run keeps its tokenizer file; --tokenizer reuses one.
-        tok = (
-            data.load_tokenizer(args.tokenizer)
-            if args.tokenizer
-            else data.SubwordTokenizer.train((s for d in train_docs for s in d), args.vocab_size)
-        )
-        tok.save(out / "tokenizer.json")
-    budget = (args.max_length - 3) // 2
-    train_segs, held_segs = segments(tok, train_docs, budget), segments(tok, held_docs, budget)
+OUTPUTS = ("checkpoints", "metrics.jsonl", "tokenizer.json", "bert.safetensors", "curves.png")
 
+
+def build(args: argparse.Namespace, tok: Any) -> tuple[Any, Any, Any, train.TrainState]:
+    """``(config, model, optimizer, fresh state)`` for a tokenizer's vocabulary."""
     cfg = fl.models.BERTConfig(**common.model_fields(args, tok.vocab_size))
     model = fl.models.BERT(cfg)
     decay_steps = args.decay_steps or args.max_steps
@@ -184,17 +177,59 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     opt = optim.inject_hyperparams(optim.adamw)(
         schedule, weight_decay=args.weight_decay, mask=decay
     )
+    k_init, k_train = random.split(random.key(args.seed), 6)[:2]
+    return cfg, model, opt, train.init_state(model.init(k_init), opt, k_train)
+
+
+def tokenizer(args: argparse.Namespace, out: Path, train_docs: list[list[str]]) -> Any:
+    """A fresh run's tokenizer, saved to ``out``: ``--tokenizer``'s, or one trained on the
+    training documents. (WordPiece training is not reproducible across processes,
+    huggingface/tokenizers#1794, so a run keeps its tokenizer: in the folder and in each
+    checkpoint.)"""
+    if args.tokenizer:
+        tok = data.load_tokenizer(args.tokenizer)
+    else:
+        tok = data.SubwordTokenizer.train((s for d in train_docs for s in d), args.vocab_size)
+    tok.save(out / "tokenizer.json")
+    return tok
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    out = runs.prepare(args.out_dir, resume=args.resume, overwrite=args.overwrite, outputs=OUTPUTS)
+    train_docs, held_docs = read_documents(args)
+    ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
+    restored, saved_tok = None, None
+    if args.resume:  # the template comes from the checkpoint's own tokenizer
+
+        def like(meta: dict) -> dict:
+            nonlocal saved_tok
+            saved_tok = meta.get("tokenizer")
+            if saved_tok is None:  # written before checkpoints held it
+                saved_tok = data.load_tokenizer(out / "tokenizer.json").to_json()
+            return {"state": build(args, data.tokenizer_from_json(saved_tok))[3]}
+
+        restored = cli.resume(ckpts, like)
+    if restored is not None:
+        tok = cli.same_tokenizer(out / "tokenizer.json", saved_tok)
+    else:
+        tok = tokenizer(args, out, train_docs)
+    budget = (args.max_length - 3) // 2
+    train_segs, held_segs = segments(tok, train_docs, budget), segments(tok, held_docs, budget)
+
+    cfg, model, opt, state = build(args, tok)
+    if restored is not None:
+        state = restored.state["state"]
     loss_fn = losses.bert_pretraining(model, args.nsp_weight)
-    step = train.make_step(loss_fn, opt, clip_norm=1.0)
+    step = train.make_step(loss_fn, opt, clip_norm=1.0, skip_nonfinite=args.skip_nonfinite)
     eval_mlm, eval_nsp = train.make_eval_step(losses.mlm(model)), train.make_eval_step(
         losses.nsp(model)
     )  # fmt: skip
 
-    k_init, k_train, k_pairs, k_order, k_mask, k_eval = random.split(random.key(args.seed), 6)
-    state = train.init_state(model.init(k_init), opt, k_train)
-    ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
-    if args.resume and ckpts.latest() is not None:
-        state = ckpts.load(like={"state": state})["state"]
+    _, _, k_pairs, k_order, k_mask, k_eval = random.split(random.key(args.seed), 6)
     pad = functools.partial(data.pad_batch, pad_values={"tokens": tok.id_of("pad")})
     # Held-out NSP pairs (and MLM on them); a corpus without multi-segment documents (e.g. one
     # sentence per row) evaluates MLM on its single segments and has no NSP score.
@@ -213,9 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"examples per epoch), vocab {tok.vocab_size}; {n_params:,} parameters; "
           f"steps {int(state.step)}..{args.max_steps}")  # fmt: skip
 
-    run = common.Run(out)
+    run = common.Run(out, keep=restored.metadata.get("metrics_records") if restored else None)
+    guard = cli.Guard(args.skip_nonfinite)
 
     def evaluation(at: int) -> dict:
+        guard.check()
         mlm = train.evaluate(eval_mlm, state.params, held_batches)
         entry = {"step": at, "val_mlm_loss": mlm["nll"], "val_mlm_accuracy": mlm["accuracy"],
                  "val_perplexity": metrics.perplexity(mlm["nll"])}  # fmt: skip
@@ -226,32 +263,50 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         run.record(entry)
         return entry
 
-    meta = {"config": checkpoint.config_to_dict(cfg), "args": vars(args)}
+    meta = {"config": checkpoint.config_to_dict(cfg), "args": vars(args),
+            "tokenizer": tok.to_json()}  # fmt: skip
+
+    def save(at: int, records: int | None = None) -> Path:
+        guard.check()  # a diverged state is never written
+        kept = len(run.records) if records is None else records
+        return ckpts.save(at, {"state": state}, {**meta, "metrics_records": kept})
+
     bar = tqdm(total=args.max_steps, initial=int(state.step), mininterval=1)
     train_started = time.perf_counter()
-    while int(state.step) < args.max_steps:
-        epoch, position = divmod(int(state.step), batches_per_epoch)
-        rows = examples(tok, train_segs, random.fold_in(k_pairs, epoch))
-        order = data.BatchOrder(len(rows), args.batch_size, k_order, epoch=epoch, start=position,
-                                lengths=[len(r["tokens"]) for r in rows], bucket=50)  # fmt: skip
-        for index in order:
-            at = int(state.step)
-            if at >= args.max_steps:
-                break
-            if at % args.eval_interval == 0:
-                e = evaluation(at)
-                bar.set_postfix(mlm=f"{e['val_mlm_loss']:.3f}", nsp=e.get("val_nsp_accuracy"))
-            batch = masked(pad([rows[i] for i in index]), random.fold_in(k_mask, at), tok, args)
-            state, m = step(state, batch)
-            bar.update()
-            if (at + 1) % 10 == 0:
-                run.record({"step": at + 1, **{k: float(v) for k, v in m.items()}})
-            if (at + 1) % args.ckpt_interval == 0:
-                ckpts.save(at + 1, {"state": state}, meta)
+    with runs.interruptible() as stop:
+        while int(state.step) < args.max_steps:
+            epoch, position = divmod(int(state.step), batches_per_epoch)
+            rows = examples(tok, train_segs, random.fold_in(k_pairs, epoch))
+            order = data.BatchOrder(len(rows), args.batch_size, k_order, epoch=epoch,
+                                    start=position, lengths=[len(r["tokens"]) for r in rows],
+                                    bucket=50)  # fmt: skip
+            for index in order:
+                at = int(state.step)
+                if at >= args.max_steps:
+                    break
+                if at % args.eval_interval == 0:
+                    e = evaluation(at)
+                    bar.set_postfix(mlm=f"{e['val_mlm_loss']:.3f}", nsp=e.get("val_nsp_accuracy"))
+                batch = masked(pad([rows[i] for i in index]), random.fold_in(k_mask, at), tok, args)
+                state, m = step(state, batch)
+                guard.watch(at + 1, m)
+                bar.update()
+                if (at + 1) % 10 == 0:
+                    guard.check()
+                    run.record({"step": at + 1, **{k: float(v) for k, v in m.items()}})
+                if (at + 1) % args.ckpt_interval == 0:
+                    save(at + 1)
+                if stop and at + 1 < args.max_steps:
+                    path = save(at + 1)
+                    bar.close()
+                    print(f"stopped by {stop.signal} after step {at + 1}: saved {path}; "
+                          "continue with --resume")  # fmt: skip
+                    raise SystemExit(stop.exit_code)
     bar.close()
     train_seconds = time.perf_counter() - train_started
+    trained = len(run.records)  # the final evaluation comes after
     final = evaluation(args.max_steps)
-    ckpts.save(args.max_steps, {"state": state}, meta)
+    save(args.max_steps, trained)
     checkpoint.save(out / "bert.safetensors", state.params, meta)
     run.close(not args.no_plot, "val_mlm_loss")
     nsp = final.get("val_nsp_accuracy")
@@ -265,4 +320,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main_guard(main)
