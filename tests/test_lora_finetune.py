@@ -95,7 +95,7 @@ def test_training_changes_adapters_only_and_saves_only_them(tmp_path):
 
 def test_lora_rejects_bad_targets():
     params = BERT.init(random.key(0))
-    with pytest.raises(ValueError, match="LoRA.targets: 'nothing.\\*' matches no path"):
+    with pytest.raises(ValueError, match=r"LoRA.targets: 'nothing\.\*' matches no path"):
         LoRA(targets=("nothing.*",)).init(random.key(0), params, BERT.axes())
     with pytest.raises(ValueError, match="not a matrix"):
         LoRA(targets=("*attn_norm.scale",)).init(random.key(0), params, BERT.axes())

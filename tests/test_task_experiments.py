@@ -49,6 +49,8 @@ def test_pretraining_writes_its_outputs_and_resumes_exactly(pretrained):
     assert 0.0 <= result["val_nsp_accuracy"] <= 1.0 and result["val_perplexity"] > 1.0
     records = [json.loads(x) for x in (root / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_mlm_loss" in r] == [0, 3, 6]
+    split = [json.loads(x) for x in (root / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert split == records  # the resumed run's history: kept, appended, nothing duplicated
     assert_trees_equal(
         checkpoint.load(root / "split" / "bert.safetensors"),
         checkpoint.load(root / "whole" / "bert.safetensors"),
