@@ -5,26 +5,47 @@ another.
 plus metadata: every rank writes its own shards, no rank gathers the whole state. :func:`load`
 reads into the layout of ``like``: a state sharded on another mesh (tp=2 to dp=2), or plain
 tensors in a single process without a process group (2 processes to 1); DCP reshards. Loading
-reads tensors only (DCP's metadata is plain data), and ``like`` is not modified: the values
-land in fresh buffers of its layout.
+``like`` is not modified: the values land in fresh buffers of its layout.
 
-Saves are atomic: shards go to ``<path>.partial``, and the finished directory is renamed to
-``path`` once every rank is done, so a crash mid-save leaves the previous checkpoint intact.
+* **Atomic.** Shards go to ``<path>.partial``, and the finished directory is renamed to
+  ``path`` once every rank is done, so a crash mid-save leaves the previous checkpoint intact.
+* **Checked.** Beside DCP's files, :func:`save` writes ``manifest.json``: every leaf's global
+  shape and dtype, and a CRC-32 of every file of the checkpoint. :func:`load` verifies the
+  checksums before reading anything else, and refuses a ``like`` whose shapes or dtypes differ
+  (no silent cast).
+* **No code runs on load.** DCP describes a checkpoint in a pickle (``.metadata``); it is read
+  with an unpickler that admits only DCP's own metadata classes, torch sizes, dtypes and
+  layouts, and paths, so a crafted file cannot execute anything. The shards are read by
+  DCP with ``torch.load(weights_only=True)``, torch's restricted unpickler, after their
+  checksums passed.
+
+Every failure is a :class:`~functional_llm.checkpoint.CheckpointError` naming the path.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import pickle
 import shutil
+import zlib
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.tensor import DTensor
 
 from functional_llm import tree
+from functional_llm.checkpoint import CheckpointError
 from functional_llm.types import PyTree
+
+FORMAT = "functional_llm.sharded/1"
+MANIFEST = "manifest.json"
 
 __all__ = ["load", "save"]
 
@@ -53,6 +74,7 @@ def save(path: str | os.PathLike, state: PyTree) -> Path:
     dcp.save(flat, checkpoint_id=str(partial))
     _barrier()
     if _rank() == 0:
+        _write_manifest(partial, flat)
         old = path.with_name(path.name + ".old")
         if path.exists():
             path.rename(old)
@@ -75,24 +97,110 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_manifest(directory: Path, flat: dict[str, torch.Tensor]) -> None:
+    manifest = {
+        "format": FORMAT,
+        "tensors": {
+            p: {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+            for p, x in flat.items()
+        },
+        "files": {f.name: _crc(f) for f in sorted(directory.iterdir()) if f.is_file()},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"parallel.checkpoint.load: no sharded checkpoint at {path}")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        assert manifest["format"] == FORMAT
+    except (OSError, ValueError, KeyError, AssertionError, TypeError):
+        raise CheckpointError(
+            f"{path}: no readable {MANIFEST} of {FORMAT} (not written by "
+            "functional_llm.parallel.checkpoint.save, or damaged); its pickled DCP metadata is "
+            "not read without one"
+        ) from None
+    for name, crc in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: the shard file {name} is missing")
+        if _crc(file) != crc:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted data) in {name}")
+    return manifest
+
+
+class _MetadataOnly(pickle.Unpickler):
+    """Admits what DCP's ``.metadata`` pickle holds and nothing else."""
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = getattr(__import__(module, fromlist=[name]), name, None) if module in (
+            "torch", "torch.distributed.checkpoint.metadata"
+        ) else None  # fmt: skip
+        dcp_class = module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+        if (module, name) in self._ALLOWED or dcp_class or isinstance(found, torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's reader, with its metadata read by :class:`_MetadataOnly`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        raw = Path(self.path, ".metadata").read_bytes()
+        try:
+            metadata = _MetadataOnly(io.BytesIO(raw)).load()
+        except Exception as err:  # whatever a crafted or damaged pickle raises
+            raise CheckpointError(f"{self.path}: DCP metadata refused: {err}") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{self.path}: DCP metadata is a {type(metadata).__name__}")
+        metadata.storage_meta = StorageMeta(load_id=self.load_id)  # as FileSystemReader does
+        return metadata
+
+
 def load(path: str | os.PathLike, like: PyTree) -> PyTree:
     """The state saved at ``path``, laid out as ``like`` (same structure; each leaf gives the
-    dtype and, for DTensors, the mesh and placements to load into). A path or shape that does
-    not match the checkpoint is an error naming it."""
+    dtype and, for DTensors, the mesh and placements to load into). Checksums are verified
+    first; a path missing from the checkpoint, or another shape or dtype, is an error naming
+    it."""
     path = Path(path)
-    if not (path / ".metadata").exists():
-        raise FileNotFoundError(f"parallel.checkpoint.load: no DCP checkpoint at {path}")
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    manifest = _read_manifest(path)
+    saved = manifest["tensors"]
     flat = {p: _empty_like(x) for p, x in tree.flatten(like).items()}
-    missing = sorted(set(flat) - set(saved))
-    if missing:
-        raise KeyError(f"parallel.checkpoint.load: {path} has no {missing}")
+    problems = [f"{p}: missing from the checkpoint" for p in flat if p not in saved]
     for p, x in flat.items():
-        size = getattr(saved[p], "size", None)
-        if size is not None and tuple(size) != tuple(x.shape):
-            raise ValueError(
-                f"parallel.checkpoint.load: {p} is {tuple(size)} in {path}, but {tuple(x.shape)} "
-                "in the state to load into"
+        want = {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        if p in saved and saved[p] != want:
+            problems.append(
+                f"{p}: {tuple(saved[p]['shape'])} {saved[p]['dtype']} in the checkpoint, but "
+                f"{tuple(x.shape)} {want['dtype']} in the state to load into"
             )
-    dcp.load(flat, checkpoint_id=str(path))
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit the requested tree:\n  " + "\n  ".join(problems)
+        )
+    try:
+        dcp.load(flat, storage_reader=_SafeReader(str(path)))
+    except CheckpointError:
+        raise
+    except (CheckpointException, Exception) as err:  # DCP's own error is a BaseException
+        raise CheckpointError(f"{path}: the sharded checkpoint cannot be read: {err}") from None
     return tree.unflatten(flat, like)
