@@ -274,13 +274,12 @@ def make_step(
         metrics = {**aux, "loss": loss, "grad_norm": norm}
         if skip_nonfinite:
             ok = torch.isfinite(loss) & torch.isfinite(norm)
-            params, opt_state = optree.tree_map(
-                lambda new, old: (
-                    torch.where(ok, new, old) if isinstance(new, torch.Tensor) else new
-                ),
-                (params, opt_state),
-                (state.params, state.opt_state),
-            )
+
+            def keep_if_bad(new: Any, old: Any) -> Any:
+                return torch.where(ok, new, old) if isinstance(new, torch.Tensor) else new
+
+            params = optree.tree_map(keep_if_bad, params, state.params)
+            opt_state = optree.tree_map(keep_if_bad, opt_state, state.opt_state)
             metrics["skipped"] = (~ok).float()
         if "count" in aux:
             metrics["tokens"] = aux["count"]
