@@ -24,6 +24,8 @@ from pathlib import Path
 
 
 def run(name: str, flags: list[str]) -> dict:
+    """One experiment; its folder under ``--out-dir`` is this benchmark's, replaced each time."""
+    flags = [*flags, "--overwrite"]
     print(f"\n$ python -m experiments.{name} {' '.join(flags)}", flush=True)
     return importlib.import_module(f"experiments.{name}").main(flags)
 

@@ -107,7 +107,9 @@ def main() -> None:
     args = exp.parse_args([*flags, "--out-dir", cli.out_dir])
     reference = reference_run(exp, args)
     extra = ["--donate"] if cli.donate else []
-    ours = exp.main([*flags, "--out-dir", cli.out_dir, "--flavour", cli.flavour, *extra])
+    ours = exp.main(
+        [*flags, "--out-dir", cli.out_dir, "--flavour", cli.flavour, "--overwrite", *extra]
+    )  # this benchmark's folder, replaced on every run
     print("\n| run | val loss (20-batch estimate) | val loss (whole split) | training s |")
     print("|---|---|---|---|")
     print(f"| reference (nn.Module loop, gpt2) | {reference['val_loss']:.4f} | "

@@ -49,14 +49,14 @@ def check_range(name: str, ids: torch.Tensor, size: int, *, ignore: int | None =
         or ids.numel() == 0
     ):
         return
-    ok = (ids >= 0) & (ids < size)
-    if ignore is not None:
-        ok |= ids == ignore
     allowed = f"[0, {size})" + ("" if ignore is None else f" or {ignore} (ignored)")
+    counted = ids if ignore is None else torch.where(ids == ignore, 0, ids)
+    low, high = torch.aminmax(counted)  # one pass over the ids
     if ids.device.type != "cpu":
-        torch._assert_async(ok.all(), f"{name} holds ids outside {allowed}")
+        torch._assert_async((low >= 0) & (high < size), f"{name} holds ids outside {allowed}")
         return
-    if not bool(ok.all()):
+    if not (int(low) >= 0 and int(high) < size):
+        ok = (counted >= 0) & (counted < size)
         at = tuple(int(i) for i in (~ok).nonzero()[0])
         raise ValueError(
             f"{name} holds the id {int(ids[at])} at position {at} (shape {tuple(ids.shape)}); "
