@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from functional_llm.files import atomic_path
+from functional_llm.files import atomic_path, remove_stale
 
 __all__ = ["MetricsLog", "RunDirError", "Stop", "interruptible", "prepare", "strict_json"]
 
@@ -55,7 +55,8 @@ def prepare(
 
     A fresh run (``resume=False``) needs an absent or empty folder; with ``overwrite`` the
     names in ``outputs`` (files or folders the run writes) are removed first and anything
-    else stays. A resumed run takes the folder as it is."""
+    else stays. A resumed run takes the folder as it is. Either way, temporaries that killed
+    writers left in it are removed (:func:`functional_llm.files.remove_stale`)."""
     out = Path(out)
     if resume and overwrite:
         raise RunDirError("--resume continues the run in the folder; --overwrite replaces it")
@@ -73,6 +74,7 @@ def prepare(
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)  # temporaries of a killed run's writes (tokenizer, metrics, models)
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from experiments import cli, pretrain_gpt
-from functional_llm import checkpoint, optim, random, runs, train
+from functional_llm import checkpoint, files, optim, random, runs, train
 from functional_llm.testing import assert_trees_equal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,3 +268,29 @@ def test_finetuning_that_diverges_saves_no_model(tmp_path):
     with pytest.raises(cli.Diverged):
         finetune_classify.main([*flags, "--lr", "1e6", "--out-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_timeout_reaches_the_mesh(monkeypatch):
+    seen = {}
+
+    def make_mesh(shape, timeout):
+        seen.update(shape=shape, timeout=timeout)
+        raise SystemExit(0)  # no process group needed to see what was asked for
+
+    monkeypatch.setattr("functional_llm.parallel.make_mesh", make_mesh)
+    args = pretrain_gpt.parse_args(["--mesh", "dp=2", "--timeout", "12.5"])
+    with pytest.raises(SystemExit):
+        pretrain_gpt.sharding(args, pretrain_gpt.fl.models.GPT(pretrain_gpt.model_config(args, 8)))
+    assert seen == {"shape": {"dp": 2}, "timeout": 12.5}
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--timeout", "0"])
+
+
+def test_stale_temporaries_in_the_run_folder_are_removed_on_start(text, tmp_path):
+    out = tmp_path / "run"
+    gpt(text, out, "--max-iters", "3")
+    dead = out / f".metrics.jsonl.{files._HOST}-{2**22 + 4321}.abc.tmp"
+    dead.mkdir()
+    (dead / "metrics.jsonl").write_text("half")
+    gpt(text, out, "--max-iters", "6", "--resume")
+    assert not dead.exists()
