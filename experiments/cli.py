@@ -110,6 +110,41 @@ def resume(
     return restored
 
 
+def resume_with_tokenizer(
+    ckpts: checkpoint.Checkpointer, tokenizer_file: Path, template: Callable[[Any], Any]
+) -> tuple[checkpoint.Restored | None, Any]:
+    """``--resume`` for a run whose state depends on its tokenizer: the newest intact
+    checkpoint, read into ``template(tokenizer)`` built from the tokenizer that checkpoint
+    recorded, and that tokenizer (checked against the run's ``tokenizer.json``); ``(None,
+    None)`` when there is nothing to resume."""
+    recorded: dict[str, Any] = {}
+
+    def like(meta: dict[str, Any]) -> Any:
+        saved = meta.get("tokenizer")
+        if saved is None:  # a checkpoint written before checkpoints held the tokenizer
+            saved = data.load_tokenizer(tokenizer_file).to_json()
+        recorded["tokenizer"] = saved
+        return template(data.tokenizer_from_json(saved, "the checkpoint's tokenizer"))
+
+    restored = resume(ckpts, like)
+    if restored is None:
+        return None, None
+    return restored, same_tokenizer(tokenizer_file, recorded["tokenizer"])
+
+
+def agreed_stop(stop: runs.Stop, done: int, every: int) -> bool:
+    """Whether to stop after step ``done``. In one process, whenever a stop was asked for;
+    across ranks, at every ``every``-th step, where the ranks agree (a signal may reach only
+    some of them), so that all of them save and leave at the same step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(stop)
+    if done % every:
+        return False
+    flag = torch.tensor(float(bool(stop)))
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
+
+
 def same_tokenizer(path: Path, saved: dict[str, Any]) -> Any:
     """The tokenizer a checkpoint recorded; ``path`` (the run's ``tokenizer.json``) is written
     from it when missing, and must agree with it when present."""

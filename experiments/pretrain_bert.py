@@ -202,20 +202,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out = runs.prepare(args.out_dir, resume=args.resume, overwrite=args.overwrite, outputs=OUTPUTS)
     train_docs, held_docs = read_documents(args)
     ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
-    restored, saved_tok = None, None
-    if args.resume:  # the template comes from the checkpoint's own tokenizer
-
-        def like(meta: dict) -> dict:
-            nonlocal saved_tok
-            saved_tok = meta.get("tokenizer")
-            if saved_tok is None:  # written before checkpoints held it
-                saved_tok = data.load_tokenizer(out / "tokenizer.json").to_json()
-            return {"state": build(args, data.tokenizer_from_json(saved_tok))[3]}
-
-        restored = cli.resume(ckpts, like)
-    if restored is not None:
-        tok = cli.same_tokenizer(out / "tokenizer.json", saved_tok)
-    else:
+    restored, tok = None, None
+    if args.resume:  # the state's template comes from the checkpoint's own tokenizer
+        template = lambda tok: {"state": build(args, tok)[3]}  # noqa: E731
+        restored, tok = cli.resume_with_tokenizer(ckpts, out / "tokenizer.json", template)
+    if tok is None:
         tok = tokenizer(args, out, train_docs)
     budget = (args.max_length - 3) // 2
     train_segs, held_segs = segments(tok, train_docs, budget), segments(tok, held_docs, budget)

@@ -246,18 +246,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         runs.prepare(out, resume=args.resume, overwrite=args.overwrite, outputs=OUTPUTS)
     source = args.data or f"Python {sys.version.split()[0]} standard library source"
     ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=2)
-    restored, saved_tok = None, None
-    if args.resume:  # the template comes from the checkpoint's own tokenizer
-
-        def like(meta: dict) -> dict:
-            nonlocal saved_tok
-            saved_tok = (
-                meta.get("tokenizer") or data.load_tokenizer(out / "tokenizer.json").to_json()
-            )
-            return {"state": build(args, data.tokenizer_from_json(saved_tok))[3]}
-
-        restored = cli.resume(ckpts, like)
-    tok = cli.same_tokenizer(out / "tokenizer.json", saved_tok) if restored else None
+    restored, tok = None, None
+    if args.resume:  # the state's template comes from the checkpoint's own tokenizer
+        template = lambda tok: {"state": build(args, tok)[3]}  # noqa: E731
+        restored, tok = cli.resume_with_tokenizer(ckpts, out / "tokenizer.json", template)
     tok, train_ids, val_ids = corpus(args, tok)
     if restored is None and int(os.environ.get("RANK", "0")) == 0:
         tok.save(out / "tokenizer.json")
@@ -328,17 +320,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         record(entry)
         return entry
 
-    def stopping(stop: runs.Stop, done: int) -> bool:
-        """Whether to stop after step ``done``: every step alone; at log points when
-        distributed, where the ranks agree (a signal may reach only some of them)."""
-        if not distributed:
-            return bool(stop)
-        if done % args.log_interval:
-            return False
-        flag = torch.tensor(float(bool(stop)))
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag)
-
     train_started = time.perf_counter()
     bar = tqdm(
         range(start, args.max_iters), initial=start, total=args.max_iters, mininterval=1,
@@ -360,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 record({"step": it + 1, **{k: float(v) for k, v in metrics.items()}})
             if (it + 1) % args.ckpt_interval == 0:
                 save(it + 1)
-            if stopping(stop, it + 1) and it + 1 < args.max_iters:
+            if cli.agreed_stop(stop, it + 1, args.log_interval) and it + 1 < args.max_iters:
                 path = save(it + 1)
                 bar.close()
                 say(f"stopped by {stop.signal or 'a signal to another rank'} after step "
