@@ -53,3 +53,53 @@ def test_torchrun_data_and_pipeline_parallel_match_one_process(tmp_path, mesh):
     assert len(got) == len(want) > 3
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4, (got, want)
     assert (two / "checkpoints").exists() and (two / "samples.txt").exists()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux ``/proc``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not shutil.which("torchrun"), reason="torchrun")
+@pytest.mark.slow  # a torchrun job stopped and resumed (--full tier)
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_saves(tmp_path):
+    import signal
+    import time
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    flags = ["-m", "experiments.pretrain_gpt", "--mesh", "dp=2", "--data", str(text),
+             "--out-dir", str(out), "--eval-interval", "100000", "--log-interval", "5",
+             "--ckpt-interval", "100000", "--n-layer", "1", "--n-embd", "16", "--block-size", "8",
+             "--batch-size", "4", "--no-plot", "--threads", "1", "--sample-chars", "4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = ["torchrun", "--standalone", "--nproc-per-node", "2"]
+    job = subprocess.Popen([*launch, *flags, "--max-iters", "100000"], env=env, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 180
+    metrics = out / "metrics.jsonl"
+    logged = lambda: metrics.exists() and metrics.read_text().count("\n") > 20  # noqa: E731
+    while time.time() < deadline and not logged():
+        time.sleep(0.2)
+    workers = children(job.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGTERM)  # one rank only, as a preemption might
+    said, err = job.communicate(timeout=120)
+    assert "stopped by a signal to another rank after step " in said, err[-3000:]
+    step = int(said.split("after step ")[1].split(":")[0])
+    assert step % 5 == 0  # at a log point, where the ranks agree
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{step:08d}.safetensors"]
+    again = [*launch, *flags, "--max-iters", str(step + 5), "--resume"]
+    resumed = subprocess.run(again, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {step})" in resumed.stdout
