@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--train", help="CSV/TSV/JSONL training file (default: stdlib task)")
     p.add_argument("--dev", help="CSV/TSV/JSONL dev file (needed with --train)")
     common.add_args(p, "out/finetune_classify")
-    args = p.parse_args(argv)
+    args = common.parse(p, argv)
     run = common.open_run(args)
     train_ex, dev_ex = common.train_dev(
         p, args, data.read_classification, stdlib_text.classify_task

@@ -35,6 +35,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     a("--dropout", type=cli.rate, default=0.1)
 
 
+def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace, family: str) -> None:
+    """The model flags must make a valid config (``family``: bert or gpt); checked when the
+    flags are parsed, before any data is read."""
+    config = fl.models.GPTConfig if family == "gpt" else fl.models.BERTConfig
+    try:
+        config(**model_fields(args, vocab_size=8))
+    except ValueError as err:
+        p.error(f"the model flags do not make a valid model: {err}")
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A fine-tuning script's flags, with the fresh backbone's shape checked."""
+    args = p.parse_args(argv)
+    if not args.pretrained:
+        check_model_args(p, args, args.backbone)
+    return args
+
+
 def model_fields(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
     """Config fields shared by ``BERTConfig`` and ``GPTConfig`` from :func:`add_model_args`."""
     return dict(

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--max-answer-tokens", type=cli.positive_int, default=30)
     common.add_args(p, "out/finetune_qa", epochs=3)
     p.set_defaults(max_length=192)
-    args = p.parse_args(argv)
+    args = common.parse(p, argv)
     if args.train and bool(args.dev) == bool(args.holdout_every):
         p.error("--train needs either --dev or --holdout-every")
     if args.holdout_every == 1:

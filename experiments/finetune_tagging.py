@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--dev", help="CoNLL dev file (needed with --train)")
     p.add_argument("--scheme", choices=("bio", "bioes"), default="bio")
     common.add_args(p, "out/finetune_tagging", epochs=4)
-    args = p.parse_args(argv)
+    args = common.parse(p, argv)
     run = common.open_run(args)
     train_s, dev_s = common.train_dev(p, args, data.read_conll, stdlib_text.tagging_task)
     if args.scheme == "bioes":

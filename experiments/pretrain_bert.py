@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--mask-rate must be > 0: masked-language modelling needs masked tokens")
     if args.max_length < 5:  # [CLS] a [SEP] b [SEP] with one token per segment
         p.error(f"--max-length {args.max_length} leaves no room for two segments; use >= 5")
+    common.check_model_args(p, args, "bert")
     return args
 
 

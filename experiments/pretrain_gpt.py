@@ -129,6 +129,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"--microbatches {args.microbatches} must divide --batch-size "
                 f"{args.batch_size} (the pp pipeline splits each batch into micro-batches)"
             )
+    try:  # the model flags, checked now rather than after the corpus is read
+        model_config(args, vocab_size=2)
+    except ValueError as err:
+        p.error(f"the model flags do not make a valid model: {err}")
+    if args.mesh and "RANK" not in os.environ:
+        p.error(f"--mesh {args.mesh} runs under torchrun: torchrun --nproc-per-node N "
+                "-m experiments.pretrain_gpt --mesh ...")  # fmt: skip
     return args
 
 

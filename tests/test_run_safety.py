@@ -130,6 +130,8 @@ def test_an_edited_tokenizer_file_is_refused_on_resume(text, tmp_path):
         (["--mesh", "dp2"], "--mesh: 'dp2': expected axis=size pairs"),
         (["--dropout", "1.5"], "--dropout: 1.5 must be >= 0.0 and < 1.0"),
         (["--seed", "1.5"], "--seed: '1.5' is not a int"),
+        (["--n-embd", "30"], "GPTConfig.n_heads (4) must divide GPTConfig.d_model (30)"),
+        (["--mesh", "dp=2"], "--mesh dp=2 runs under torchrun"),
     ],
 )
 def test_bad_flags_are_one_line_errors_at_parse_time(flags, named, capsys):
@@ -146,6 +148,8 @@ def test_bad_flags_are_one_line_errors_at_parse_time(flags, named, capsys):
         ("finetune_qa", ["--doc-stride", "0"], "--doc-stride: 0 must be > 0"),
         ("finetune_classify", ["--epochs", "0"], "--epochs: 0 must be > 0"),
         ("finetune_classify", ["--batch-size", "0"], "--batch-size: 0 must be > 0"),
+        ("finetune_tagging", ["--d-model", "30"], "BERTConfig.n_heads (4) must divide"),
+        ("pretrain_bert", ["--n-heads", "3"], "must divide BERTConfig.d_model (128)"),
     ],
 )
 def test_other_experiments_refuse_bad_flags(script, flags, named, capsys, tmp_path):
@@ -271,6 +275,7 @@ def test_finetuning_that_diverges_saves_no_model(tmp_path):
 
 
 def test_timeout_reaches_the_mesh(monkeypatch):
+    monkeypatch.setenv("RANK", "0")  # as under torchrun
     seen = {}
 
     def make_mesh(shape, timeout):
