@@ -1,21 +1,26 @@
 """Checkpoints of any state pytree: safetensors plus a JSON manifest, written atomically.
 
 One checkpoint is one ``.safetensors`` file. Tensors are stored under their dotted paths
-(``params.blocks.0.attn.q.w``); the header's metadata holds a JSON manifest with the library
-and torch versions, the tree's non-tensor leaves (ints, floats, strings, bools, ``None``), a
-CRC-32 of every tensor's bytes, and whatever the caller adds (the config, the data position).
+(``params.blocks.0.attn.q.w``; a dot or backslash inside a key is escaped, so no two paths
+share a name); the header's metadata holds a JSON manifest with the library and torch
+versions, every leaf's key path (dict keys as strings, positions as ints), the tree's
+non-tensor leaves (ints, floats, strings, bools, ``None``), a CRC-32 of every tensor's bytes,
+whether every floating tensor is finite, and whatever the caller adds (the config, the data
+position, the tokenizer).
 
 * **Loading never executes code.** safetensors is a header plus raw bytes, and the manifest is
   JSON; no pickle is involved anywhere (a ``torch.save`` file is rejected, not unpickled).
-* **Atomic.** The file is written to a temporary name in the same directory, flushed to disk,
-  then renamed over the target: a crash at any moment leaves the previous checkpoint whole.
-* **Checked.** A truncated or corrupted file, a tensor whose bytes fail their checksum, or a
-  checkpoint that does not fit the ``like`` tree (a missing path, another shape or dtype) raises
-  :class:`CheckpointError` naming the file, the path and both values.
+* **Atomic.** The file is written inside a private temporary folder beside the target,
+  flushed to disk, then renamed over the target: a crash at any moment leaves the previous
+  checkpoint whole, and the next :class:`Checkpointer` removes what the crash left.
+* **Checked.** A truncated or corrupted file, a tensor whose bytes fail their checksum
+  (:class:`DamagedCheckpoint`), or a checkpoint that does not fit the ``like`` tree (a missing
+  path, another shape or dtype) raises :class:`CheckpointError` naming the file, the path and
+  both values.
 
 ``save(path, tree, metadata)`` / ``load(path, like)`` / ``metadata(path)`` handle one file;
-:class:`Checkpointer` keeps numbered checkpoints of a run in a directory (``latest``, ``keep``).
-Sharded (DTensor) state is saved with ``torch.distributed.checkpoint`` instead (parallelism).
+:class:`Checkpointer` keeps numbered checkpoints of a run in a directory (``latest``, ``keep``,
+``restore``). Sharded (DTensor) state is saved with :mod:`functional_llm.parallel.checkpoint`.
 """
 
 from __future__ import annotations
