@@ -132,8 +132,47 @@ class MultiHeadAttention(Layer):
         """Attend from ``x: (..., T, d_model)`` to ``context: (..., S, kv_dim)`` (``x`` itself if
         None). ``positions`` (default ``0..T-1``) drive rotary embeddings in self-attention.
         With ``return_weights`` also returns the ``(..., heads, T, S)`` attention weights."""
-        if mask is not None and mask.dtype != torch.bool:
-            raise TypeError(f"attention mask must be boolean (True = may attend), got {mask.dtype}")
+        q, k, v = self._project(params, x, context, positions)
+        if causal:
+            tri = causal_mask(q.shape[-2], k.shape[-2], x.device)
+            mask = tri if mask is None else mask & tri
+        return self._attend(params, q, k, v, mask, key, return_weights)
+
+    def apply_cached(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        *,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        donate: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention of ``x: (..., T, d_model)`` as the cache slots ``slots: (T,)``.
+
+        ``cache`` holds every slot's keys and values, ``(..., kv_heads, L, head_dim)`` each; the
+        new ones are written at ``slots`` (into fresh buffers, or into ``cache``'s own with
+        ``donate=True``), then the queries attend to all ``L`` slots under ``mask``
+        (``(..., 1, T, L)``: which slots each query may see). Returns the output and the cache.
+        The math is :meth:`apply`'s: the same projections, rotary positions and kernel."""
+        q, k, v = self._project(params, x, None, positions)
+        k_all, v_all = (
+            buf.index_copy_(-2, slots, new) if donate else buf.index_copy(-2, slots, new)
+            for buf, new in zip(cache, (k, v), strict=True)
+        )
+        y = self._attend(params, q, k_all, v_all, mask, None, False)
+        return cast(torch.Tensor, y), (k_all, v_all)
+
+    def _project(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        positions: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``(..., heads, T, head_dim)``, keys and values ``(..., kv_heads, S,
+        head_dim)``, with rotary positions applied in self-attention."""
         memory = x if context is None else context
         q = self._proj("q").apply(params["q"], x)  # (..., T, H, hd)
         k = self._proj("k").apply(params["k"], memory)  # (..., S, Hkv, hd)
@@ -142,13 +181,24 @@ class MultiHeadAttention(Layer):
             pos = positions_like(x[..., 0]) if positions is None else positions
             q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
         q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # heads before time
+        return q, k, v
+
+    def _attend(
+        self,
+        params: Params,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        key: torch.Tensor | None,
+        return_weights: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attention kernel and the output projection."""
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"attention mask must be boolean (True = may attend), got {mask.dtype}")
         if self.kv_heads != self.n_heads:  # grouped-query: each kv head serves a group
             group = self.n_heads // self.kv_heads
             k, v = (t.repeat_interleave(group, dim=-3) for t in (k, v))
-        t_q, t_k = q.shape[-2], k.shape[-2]
-        if causal:
-            tri = causal_mask(t_q, t_k, x.device)
-            mask = tri if mask is None else mask & tri
         if return_weights or self.dropout > 0.0:  # keyed dropout: SDPA's reads the global RNG
             out, weights = _explicit_attention(q, k, v, mask, self.dropout, key)
         else:

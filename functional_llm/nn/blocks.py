@@ -140,6 +140,35 @@ class Block(Layer):
             return_weights=return_weights,
         )
 
+    def apply_cached(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        *,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        donate: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One decoding step of a causal block: self-attention writes ``x``'s keys and values
+        into this layer's ``cache`` at ``slots`` and reads every slot under ``mask``
+        (:meth:`MultiHeadAttention.apply_cached`), then the MLP. Without dropout (decode with
+        ``fl.nn.inference(model)``). Returns the output and the layer's cache."""
+        written: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            y, kv = self._attention().apply_cached(
+                params["attn"], h, cache, slots=slots, mask=mask, positions=positions,
+                donate=donate,
+            )  # fmt: skip
+            written.append(kv)
+            return y
+
+        x = self._residual(params, "attn", x, attend, None)
+        x = self._residual(params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h), None)
+        return x, written[0]
+
     def _forward(
         self,
         params: Params,

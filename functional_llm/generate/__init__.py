@@ -1,0 +1,18 @@
+"""Decoding: a key/value cache held as a value (:mod:`.cache`), generation with it
+(:mod:`.search`: greedy, keyed sampling, EOS, left-padded batches), and sliding-window sampling
+without a cache (:mod:`.window`, for samples longer than the model's context)."""
+
+from functional_llm.generate.cache import KVCache, decode_step, init_cache, prefill
+from functional_llm.generate.search import Generation, generate, left_pad
+from functional_llm.generate.window import sample
+
+__all__ = [
+    "Generation",
+    "KVCache",
+    "decode_step",
+    "generate",
+    "init_cache",
+    "left_pad",
+    "prefill",
+    "sample",
+]
