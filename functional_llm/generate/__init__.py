@@ -2,17 +2,21 @@
 (:mod:`.search`: greedy, keyed sampling, EOS, left-padded batches), and sliding-window sampling
 without a cache (:mod:`.window`, for samples longer than the model's context)."""
 
+from functional_llm.generate import processors
 from functional_llm.generate.cache import KVCache, decode_step, init_cache, prefill
-from functional_llm.generate.search import Generation, generate, left_pad
+from functional_llm.generate.search import Generation, decoder, generate, left_pad, stop_sequences
 from functional_llm.generate.window import sample
 
 __all__ = [
     "Generation",
     "KVCache",
     "decode_step",
+    "decoder",
     "generate",
     "init_cache",
     "left_pad",
     "prefill",
+    "processors",
     "sample",
+    "stop_sequences",
 ]

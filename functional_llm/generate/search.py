@@ -3,14 +3,14 @@
 ``generate(model, params, prompt, valid, max_new_tokens=n)`` prefills the (left-padded) prompt
 once and then runs one :func:`~functional_llm.generate.cache.decode_step` per new token::
 
-    logits = logits_t / temperature                       temperature 0: argmax (greedy)
-    logits = top_k(logits)                                 optional: keep the k largest
-    token  ~ categorical(fold_in(key, t), logits)          t: the slot the token will fill
+    logits = processors(logits_t, context)                 repetition penalty, n-gram bans, ...
+    logits = top_p(top_k(logits / temperature))           temperature 0: argmax (greedy)
+    token  ~ categorical(fold_in(key, s), logits)          s: the slot the token will fill
 
-A row that has produced an EOS id is finished: its later tokens are ``pad_id`` and not valid,
-and the loop ends when every row is finished. Prompts of different lengths go in one batch
-left-padded (:func:`left_pad`); with greedy decoding each row comes out exactly as it would
-alone.
+A row that has produced an EOS id (or met a ``stop`` criterion) is finished: its later tokens
+are ``pad_id`` and not valid, and the loop ends when every row is finished. Prompts of
+different lengths go in one batch left-padded (:func:`left_pad`); with greedy decoding each row
+comes out exactly as it would alone.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from typing import Any, NamedTuple
 import torch
 
 from functional_llm import random
-from functional_llm.generate.cache import decode_step, prefill
+from functional_llm.generate.cache import KVCache, decode_step, prefill
+from functional_llm.generate.processors import Context, Processor, chain
+from functional_llm.generate.processors import temperature as temperature_
+from functional_llm.generate.processors import top_k as top_k_
+from functional_llm.generate.processors import top_p as top_p_
 from functional_llm.nn.dropout import inference
 
-__all__ = ["Generation", "generate", "left_pad"]
+__all__ = ["Generation", "decoder", "generate", "left_pad", "stop_sequences"]
 
 
 class Generation(NamedTuple):
@@ -51,6 +55,34 @@ def left_pad(
     return tokens, valid
 
 
+Decode = Callable[[KVCache, torch.Tensor], tuple[torch.Tensor, KVCache]]
+Stop = Callable[[Context], torch.Tensor]
+
+
+def decoder(model: Any, params: Any, *, compile: bool = False) -> Decode:
+    """``(cache, tokens) -> (logits, cache)`` for :func:`generate`: :func:`decode_step` on
+    ``inference(model)``, donating the cache, or compiled once (``compile=True``, through
+    :func:`functional_llm.train.compile`; keep the returned function to reuse the graph across
+    generations of one shape)."""
+    model = inference(model)
+    if compile:
+        from functional_llm.train import compile as compile_fn
+
+        return compile_fn(lambda cache, tokens: decode_step(model, params, cache, tokens))
+    return lambda cache, tokens: decode_step(model, params, cache, tokens, donate=True)
+
+
+def stop_sequences(sequences: Sequence[Sequence[int]]) -> Stop:
+    """A stop criterion: a row stops once its tokens end with one of ``sequences``."""
+    seqs = [list(s) for s in sequences]
+
+    def stop(context: Context) -> torch.Tensor:
+        rows = [r[ok].tolist() for r, ok in zip(context.tokens, context.valid, strict=True)]
+        return torch.tensor([any(r[len(r) - len(q) :] == q for q in seqs) for r in rows])
+
+    return stop
+
+
 def generate(
     model: Any,
     params: Any,
@@ -61,57 +93,62 @@ def generate(
     key: torch.Tensor | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
+    top_p: float | None = None,
+    processors: Processor | None = None,
     eos_id: int | Sequence[int] | None = None,
+    stop: Stop | None = None,
     pad_id: int | None = None,
     max_len: int | None = None,
+    decode: Decode | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> Generation:
-    """Extend ``prompt: (B, T0)`` by up to ``max_new_tokens`` tokens. ``temperature=0`` is
-    greedy; otherwise tokens are sampled with ``key`` (required). ``max_len`` (default
-    ``T0 + max_new_tokens``) sizes the cache; ``on_token`` receives each new ``(B,)`` column as
-    it is produced (streaming)."""
+    """Extend ``prompt: (B, T0)`` (left-padded where ``valid`` is False) by up to
+    ``max_new_tokens`` tokens.
+
+    ``processors`` transform the logits first; then ``temperature=0`` is greedy, and otherwise
+    ``temperature``, ``top_k`` and ``top_p`` shape the distribution that tokens are sampled
+    from with ``key`` (required; the token for slot ``s`` uses ``fold_in(key, s)``). A row
+    finishes at an EOS id or when ``stop`` says so; ``max_len`` (default
+    ``T0 + max_new_tokens``) sizes the cache; ``decode`` replaces the decode step (e.g. a
+    compiled one from :func:`decoder`); ``on_token`` receives each new ``(B,)`` column as it is
+    produced (streaming)."""
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(f"generate: temperature ({temperature}) must be >= 0 and top_k "
-                         f"({top_k}) >= 1")  # fmt: skip
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    sampling = [temperature_(temperature)] if temperature > 0 else []
+    sampling += [top_k_(top_k)] if top_k is not None else []
+    sampling += [top_p_(top_p)] if top_p is not None else []
     if temperature > 0 and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a key")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("generate: top_k and top_p shape sampling; give a temperature > 0")
+    process = chain(*([processors] if processors else []), *sampling)
     eos = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else eos_id)
     pad = pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0)
     model = inference(model)  # no dropout while decoding
+    step = decode or decoder(model, params)
     batch, t0 = prompt.shape
     valid = torch.ones_like(prompt, dtype=torch.bool) if valid is None else valid.bool()
-    columns, alive = [], torch.ones(batch, dtype=torch.bool)
+    tokens, real = prompt, valid
+    alive = torch.ones(batch, dtype=torch.bool)
     with torch.no_grad():
-        logits, cache = prefill(
-            model, params, prompt, valid, max_len=max_len or t0 + max_new_tokens
-        )
+        width = max_len or t0 + max_new_tokens
+        logits, cache = prefill(model, params, prompt, valid, max_len=width)
         for t in range(max_new_tokens):
-            nxt = _choose(logits[:, -1].float(), temperature, top_k, key, t0 + t)
+            scores = process(logits[:, -1].float(), Context(tokens, real, t))
+            nxt = scores.argmax(-1) if temperature == 0 else random.categorical(
+                random.fold_in(key, t0 + t), scores
+            )  # fmt: skip
             nxt = torch.where(alive, nxt, pad)
-            columns.append((nxt, alive))
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            real = torch.cat([real, alive[:, None]], dim=1)
             if on_token is not None:
                 on_token(nxt)
             alive = alive & ~torch.isin(nxt, eos)
+            if stop is not None:
+                alive = alive & ~stop(Context(tokens, real, t + 1))
             if not bool(alive.any()) or t + 1 == max_new_tokens:
                 break
-            logits, cache = decode_step(model, params, cache, nxt[:, None], donate=True)
-    new_tokens = [c for c, _ in columns]
-    new_valid = [a for _, a in columns]
-    return Generation(
-        torch.cat([prompt, *[c[:, None] for c in new_tokens]], dim=1),
-        torch.cat([valid, *[a[:, None] for a in new_valid]], dim=1),
-    )
-
-
-def _choose(
-    logits: torch.Tensor, temperature: float, top_k: int | None, key: Any, slot: int
-) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return random.categorical(random.fold_in(key, slot), logits)
+            logits, cache = step(cache, nxt[:, None].contiguous())
+    return Generation(tokens, real)
