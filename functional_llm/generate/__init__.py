@@ -3,13 +3,16 @@
 without a cache (:mod:`.window`, for samples longer than the model's context)."""
 
 from functional_llm.generate import processors
-from functional_llm.generate.cache import KVCache, decode_step, init_cache, prefill
+from functional_llm.generate.beam import Beams, beam_search, search
+from functional_llm.generate.cache import KVCache, decode_step, init_cache, prefill, reorder
 from functional_llm.generate.search import Generation, decoder, generate, left_pad, stop_sequences
 from functional_llm.generate.window import sample
 
 __all__ = [
+    "Beams",
     "Generation",
     "KVCache",
+    "beam_search",
     "decode_step",
     "decoder",
     "generate",
@@ -17,6 +20,8 @@ __all__ = [
     "left_pad",
     "prefill",
     "processors",
+    "reorder",
     "sample",
+    "search",
     "stop_sequences",
 ]

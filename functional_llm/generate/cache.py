@@ -25,7 +25,7 @@ import torch
 from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.nn.module import Params
 
-__all__ = ["KVCache", "decode_step", "init_cache", "prefill"]
+__all__ = ["KVCache", "decode_step", "init_cache", "prefill", "reorder"]
 
 
 class KVCache(NamedTuple):
@@ -99,6 +99,14 @@ def decode_step(
                          f"{tuple(tokens.shape)}")  # fmt: skip
     valid = torch.ones_like(tokens, dtype=torch.bool)
     return _step(model, params, cache, tokens, valid, donate=donate)
+
+
+def reorder(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """The cache whose row ``i`` is ``cache``'s row ``rows[i]`` (beam search follows its
+    beams with it)."""
+    pick = lambda x: x.index_select(0, rows)  # noqa: E731
+    return KVCache([pick(k) for k in cache.k], [pick(v) for v in cache.v], pick(cache.valid),
+                   cache.index, pick(cache.position))  # fmt: skip
 
 
 def _step(
