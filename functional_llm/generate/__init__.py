@@ -4,7 +4,14 @@ without a cache (:mod:`.window`, for samples longer than the model's context).""
 
 from functional_llm.generate import processors
 from functional_llm.generate.beam import Beams, beam_search, search
-from functional_llm.generate.cache import KVCache, decode_step, init_cache, prefill, reorder
+from functional_llm.generate.cache import (
+    KVCache,
+    decode_step,
+    encode,
+    init_cache,
+    prefill,
+    reorder,
+)
 from functional_llm.generate.search import Generation, decoder, generate, left_pad, stop_sequences
 from functional_llm.generate.window import sample
 
@@ -15,6 +22,7 @@ __all__ = [
     "beam_search",
     "decode_step",
     "decoder",
+    "encode",
     "generate",
     "init_cache",
     "left_pad",

@@ -13,8 +13,8 @@ A row is done when it holds ``K`` finished hypotheses and (``early_stopping``) a
 sorted by score.
 
 :func:`search` is the loop over any scorer (``advance(beam_index, tokens) -> log-probs``);
-:func:`beam_search` runs it on a decoder-only model with the cache, reordering the cache rows
-to follow the beams.
+:func:`beam_search` runs it on a model with the cache (decoder-only, or encoder-decoder from a
+source), reordering the cache rows to follow the beams.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functional_llm.generate.cache import prefill, reorder
+from functional_llm.generate.cache import reorder
 from functional_llm.generate.processors import Context, Processor
-from functional_llm.generate.search import decoder
+from functional_llm.generate.search import decoder, start
 from functional_llm.nn.dropout import inference
 
 __all__ = ["Beams", "beam_search", "search"]
@@ -144,6 +144,8 @@ def beam_search(
     prompt: torch.Tensor,
     valid: torch.Tensor | None = None,
     *,
+    src: torch.Tensor | None = None,
+    src_valid: torch.Tensor | None = None,
     num_beams: int,
     max_new_tokens: int,
     eos_id: int | Sequence[int] | None = None,
@@ -153,8 +155,10 @@ def beam_search(
     processors: Processor | None = None,
     pad_id: int | None = None,
 ) -> Beams:
-    """Beam search on a decoder-only model from ``prompt: (B, T0)`` (left-padded where
-    ``valid`` is False): the ``num_return`` best continuations per row and their scores.
+    """Beam search from ``prompt: (B, T0)`` (left-padded where ``valid`` is False): the
+    ``num_return`` best continuations per row and their scores. For an encoder-decoder model,
+    ``src`` (padded where ``src_valid`` is False) is the source and ``prompt`` the decoder's
+    start tokens; the source is encoded once, then repeated for the beams.
     ``processors`` transform each step's log-probabilities (repetition penalty, banned
     n-grams, ...)."""
     if num_beams < 1:
@@ -177,8 +181,10 @@ def beam_search(
         return processors(logp, Context(state["history"], state["real"], state["t"]))
 
     with torch.no_grad():
-        logits, cache = prefill(model, params, prompt_k, valid_k,
-                                max_len=prompt.shape[1] + max_new_tokens)  # fmt: skip
+        src_k = None if src is None else src.repeat_interleave(num_beams, 0)
+        src_valid_k = None if src_valid is None else src_valid.repeat_interleave(num_beams, 0)
+        width = prompt.shape[1] + max_new_tokens
+        logits, cache = start(model, params, prompt_k, valid_k, src_k, src_valid_k, width)
         first = scored(logits[:, -1]).reshape(prompt.shape[0], num_beams, -1)[:, 0]
         state["cache"] = cache
 

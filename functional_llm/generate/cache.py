@@ -18,30 +18,67 @@ Shapes are static (``L`` is fixed, the slot index is a tensor), so a compiled
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, cast
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
 from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.nn.module import Params
 
-__all__ = ["KVCache", "decode_step", "init_cache", "prefill", "reorder"]
+__all__ = ["KVCache", "decode_step", "encode", "init_cache", "prefill", "reorder"]
 
 
 class KVCache(NamedTuple):
     """Keys and values per layer, ``(B, kv_heads, L, head_dim)`` each; ``valid: (B, L)`` the
     slots holding real tokens; ``index: ()`` the next slot to write; ``position: (B,)`` each
-    row's next position (its number of real tokens so far)."""
+    row's next position (its number of real tokens so far). For an encoder-decoder model also
+    the cross-attention keys and values of the encoded source, ``(B, heads, S, head_dim)`` per
+    layer (computed once, by :func:`encode`), and the source's ``memory_valid: (B, S)``."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     valid: torch.Tensor
     index: torch.Tensor
     position: torch.Tensor
+    memory_k: tuple[torch.Tensor, ...] = ()
+    memory_v: tuple[torch.Tensor, ...] = ()
+    memory_valid: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
         return self.valid.shape[-1]
+
+
+class _Decoder(NamedTuple):
+    """What decoding needs of a model: its decoder blocks and how to embed and unembed."""
+
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, positions) -> h
+    blocks: list[Params]
+    block: Any
+    finish: Callable[[torch.Tensor], torch.Tensor]  # the final norm
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    vocab_size: int
+
+
+def _decoder_block(model: Any) -> Any:
+    return model.core.decoder.block if hasattr(model, "core") else model.block
+
+
+def _decoder(model: Any, p: Params) -> _Decoder:
+    """The decoder of a decoder-only model (``GPT``) or of the encoder-decoder
+    ``Transformer`` (its target side)."""
+    if hasattr(model, "core"):  # the encoder-decoder Transformer
+        dec = model.core.decoder
+        return _Decoder(
+            lambda t, pos: model._embed(p, "tgt", t, None, pos), p["decoder"]["blocks"],
+            dec.block, lambda h: dec.finish(p["decoder"], h), lambda h: model._output(p, h),
+            model.config.tgt_vocab_size,
+        )  # fmt: skip
+    return _Decoder(
+        lambda t, pos: model.embed(p, t, pos), p["blocks"], model.block,
+        lambda h: model.stack.finish(p, h), lambda h: model.logits(p, h), model.config.vocab_size,
+    )  # fmt: skip
 
 
 def init_cache(model: Any, batch: int, max_len: int, device: Any = None) -> KVCache:
@@ -50,15 +87,43 @@ def init_cache(model: Any, batch: int, max_len: int, device: Any = None) -> KVCa
     if not 1 <= max_len <= c.max_seq_len:
         raise ValueError(f"init_cache: max_len ({max_len}) must be in [1, max_seq_len = "
                          f"{c.max_seq_len}]")  # fmt: skip
-    attn = model.block._attention()
+    attn = _decoder_block(model)._attention()
+    layers = c.num_decoder_layers if hasattr(model, "core") else c.n_layers
     shape = (batch, attn.kv_heads, max_len, attn.dim_per_head)
     zeros = lambda: torch.zeros(shape, dtype=c.dtype, device=device)  # noqa: E731
     return KVCache(
-        k=[zeros() for _ in range(c.n_layers)],
-        v=[zeros() for _ in range(c.n_layers)],
+        k=[zeros() for _ in range(layers)],
+        v=[zeros() for _ in range(layers)],
         valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
         index=torch.zeros((), dtype=torch.int64, device=device),
         position=torch.zeros(batch, dtype=torch.int64, device=device),
+    )
+
+
+def encode(
+    model: Any,
+    params: Params,
+    src: torch.Tensor,
+    src_valid: torch.Tensor | None = None,
+    *,
+    max_len: int,
+) -> KVCache:
+    """The cache to decode from for an encoder-decoder model: the encoder runs once over
+    ``src: (B, S)`` (padding where ``src_valid`` is False), each decoder layer's
+    cross-attention keys and values are computed from its output once, and the decoder's
+    self-attention cache of ``max_len`` slots starts empty. Feed the decoder's start tokens
+    with :func:`decode_step`."""
+    if not hasattr(model, "core"):
+        raise TypeError("encode: an encoder-decoder model (Transformer) is needed; a "
+                        "decoder-only model starts with prefill")  # fmt: skip
+    if src.ndim != 2 or src.shape[1] == 0:
+        raise ValueError(f"encode: src must be (batch, length >= 1), got {tuple(src.shape)}")
+    memory = model.encode(params, src, src_valid=src_valid)
+    cross = model.core.decoder.block._attention(cross=True)
+    kv = [cross.memory_kv(block["cross"], memory) for block in params["decoder"]["blocks"]]
+    valid = torch.ones_like(src, dtype=torch.bool) if src_valid is None else src_valid.bool()
+    return init_cache(model, src.shape[0], max_len, src.device)._replace(
+        memory_k=tuple(k for k, _ in kv), memory_v=tuple(v for _, v in kv), memory_valid=valid
     )
 
 
@@ -70,8 +135,12 @@ def prefill(
     *,
     max_len: int,
 ) -> tuple[torch.Tensor, KVCache]:
-    """Run the prompt ``tokens: (B, T0)`` (left-padded where ``valid`` is False) through the
-    model into a fresh cache of ``max_len`` slots: the logits ``(B, T0, vocab)`` and the cache."""
+    """Run the prompt ``tokens: (B, T0)`` (left-padded where ``valid`` is False) through a
+    decoder-only model into a fresh cache of ``max_len`` slots: the logits ``(B, T0, vocab)``
+    and the cache. (An encoder-decoder model starts with :func:`encode`.)"""
+    if hasattr(model, "core"):
+        raise TypeError("prefill is for decoder-only models; an encoder-decoder model starts "
+                        "with encode(model, params, src, src_valid, max_len=...)")  # fmt: skip
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"prefill: tokens must be (batch, length >= 1), got {tuple(tokens.shape)}")
     if tokens.shape[1] > max_len:
@@ -105,8 +174,12 @@ def reorder(cache: KVCache, rows: torch.Tensor) -> KVCache:
     """The cache whose row ``i`` is ``cache``'s row ``rows[i]`` (beam search follows its
     beams with it)."""
     pick = lambda x: x.index_select(0, rows)  # noqa: E731
-    return KVCache([pick(k) for k in cache.k], [pick(v) for v in cache.v], pick(cache.valid),
-                   cache.index, pick(cache.position))  # fmt: skip
+    memory_valid = None if cache.memory_valid is None else pick(cache.memory_valid)
+    return KVCache(
+        [pick(k) for k in cache.k], [pick(v) for v in cache.v], pick(cache.valid), cache.index,
+        pick(cache.position), tuple(map(pick, cache.memory_k)), tuple(map(pick, cache.memory_v)),
+        memory_valid,
+    )  # fmt: skip
 
 
 def _step(
@@ -118,13 +191,17 @@ def _step(
     *,
     donate: bool,
 ) -> tuple[torch.Tensor, KVCache]:
-    c = model.config
-    check_ids("tokens", tokens, None, c.vocab_size)
-    if len(cache.k) != c.n_layers or cache.k[0].shape[1:2] != (model.block._attention().kv_heads,):
+    dec = _decoder(model, params)
+    check_ids("tokens", tokens, None, dec.vocab_size)
+    heads = dec.block._attention().kv_heads
+    if len(cache.k) != len(dec.blocks) or cache.k[0].shape[1:2] != (heads,):
         raise ValueError(
             f"the cache has {len(cache.k)} layers of {tuple(cache.k[0].shape)} keys; this model "
-            f"has {c.n_layers} layers of {model.block._attention().kv_heads} kv heads"
+            f"has {len(dec.blocks)} layers of {heads} kv heads"
         )
+    if hasattr(model, "core") != bool(cache.memory_k):
+        kind = "an encoder-decoder" if cache.memory_k else "a decoder-only"
+        raise ValueError(f"this cache is for {kind} model; start from prefill or encode")
     t, width = tokens.shape[1], cache.max_len
     if not torch.compiler.is_compiling() and int(cache.index) + t > width:
         raise ValueError(f"the cache is full: {int(cache.index)} of {width} slots used, "
@@ -134,14 +211,20 @@ def _step(
     slot_valid = cache.valid.index_copy(1, slots, valid)
     seen = torch.arange(width, device=tokens.device)[None, :] <= slots[:, None]  # (T, L) causal
     mask = (slot_valid[:, None, :] & seen)[:, None]  # (B, 1, T, L)
-    h = model.embed(params, tokens, positions)
+    memory_mask = None if cache.memory_valid is None else cache.memory_valid[:, None, None, :]
+    h = dec.embed(tokens, positions)
     ks, vs = [], []
-    for block_params, k, v in zip(params["blocks"], cache.k, cache.v, strict=True):
-        h, (k, v) = model.block.apply_cached(
-            block_params, h, (k, v), slots=slots, mask=mask, positions=positions, donate=donate
-        )
+    for i, (block_params, k, v) in enumerate(zip(dec.blocks, cache.k, cache.v, strict=True)):
+        memory_kv = (cache.memory_k[i], cache.memory_v[i]) if cache.memory_k else None
+        h, (k, v) = dec.block.apply_cached(
+            block_params, h, (k, v), slots=slots, mask=mask, positions=positions, donate=donate,
+            memory_kv=memory_kv, memory_mask=memory_mask,
+        )  # fmt: skip
         ks.append(k)
         vs.append(v)
-    logits = model.logits(params, model.stack.finish(params, h))
-    new = KVCache(ks, vs, slot_valid, cache.index + t, cache.position + valid.long().sum(-1))
-    return cast(torch.Tensor, logits), new
+    logits = dec.logits(dec.finish(h))
+    new = cache._replace(
+        k=ks, v=vs, valid=slot_valid, index=cache.index + t,
+        position=cache.position + valid.long().sum(-1),
+    )  # fmt: skip
+    return logits, new

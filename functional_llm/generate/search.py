@@ -16,12 +16,12 @@ comes out exactly as it would alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
 from functional_llm import random
-from functional_llm.generate.cache import KVCache, decode_step, prefill
+from functional_llm.generate.cache import KVCache, decode_step, encode, prefill
 from functional_llm.generate.processors import Context, Processor, chain
 from functional_llm.generate.processors import temperature as temperature_
 from functional_llm.generate.processors import top_k as top_k_
@@ -83,12 +83,37 @@ def stop_sequences(sequences: Sequence[Sequence[int]]) -> Stop:
     return stop
 
 
+def start(
+    model: Any,
+    params: Any,
+    prompt: torch.Tensor,
+    valid: torch.Tensor | None,
+    src: torch.Tensor | None,
+    src_valid: torch.Tensor | None,
+    max_len: int,
+) -> tuple[torch.Tensor, KVCache]:
+    """The logits of the prompt and the cache after it: :func:`prefill` for a decoder-only
+    model; for an encoder-decoder model (``src`` given) :func:`encode` the source, then
+    :func:`decode_step` the decoder's prompt (its start tokens, not padded)."""
+    if src is None:
+        if hasattr(model, "core"):
+            raise ValueError("an encoder-decoder model decodes from a source: pass src=")
+        return prefill(model, params, prompt, valid, max_len=max_len)
+    if valid is not None and not bool(valid.all()):
+        raise ValueError("an encoder-decoder model's decoder prompt is not padded: every row "
+                         "starts with the same number of start tokens")  # fmt: skip
+    cache = encode(model, params, src, src_valid, max_len=max_len)
+    return decode_step(model, params, cache, prompt, donate=True)  # the fresh cache is ours
+
+
 def generate(
     model: Any,
     params: Any,
     prompt: torch.Tensor,
     valid: torch.Tensor | None = None,
     *,
+    src: torch.Tensor | None = None,
+    src_valid: torch.Tensor | None = None,
     max_new_tokens: int,
     key: torch.Tensor | None = None,
     temperature: float = 0.0,
@@ -103,7 +128,8 @@ def generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> Generation:
     """Extend ``prompt: (B, T0)`` (left-padded where ``valid`` is False) by up to
-    ``max_new_tokens`` tokens.
+    ``max_new_tokens`` tokens. For an encoder-decoder model, ``src: (B, S)`` (padded where
+    ``src_valid`` is False) is the source and ``prompt`` the decoder's start tokens.
 
     ``processors`` transform the logits first; then ``temperature=0`` is greedy, and otherwise
     ``temperature``, ``top_k`` and ``top_p`` shape the distribution that tokens are sampled
@@ -134,11 +160,11 @@ def generate(
     alive = torch.ones(batch, dtype=torch.bool)
     with torch.no_grad():
         width = max_len or t0 + max_new_tokens
-        logits, cache = prefill(model, params, prompt, valid, max_len=width)
+        logits, cache = start(model, params, prompt, valid, src, src_valid, width)
         for t in range(max_new_tokens):
             scores = process(logits[:, -1].float(), Context(tokens, real, t))
             nxt = scores.argmax(-1) if temperature == 0 else random.categorical(
-                random.fold_in(key, t0 + t), scores
+                random.fold_in(cast(torch.Tensor, key), t0 + t), scores
             )  # fmt: skip
             nxt = torch.where(alive, nxt, pad)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)

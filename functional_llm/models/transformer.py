@@ -149,13 +149,20 @@ class Transformer(Layer):
         return {**axes_of(self._parts()), **self.core.axes()}
 
     def _embed(
-        self, params: Params, side: str, ids: torch.Tensor, key: torch.Tensor | None
+        self,
+        params: Params,
+        side: str,
+        ids: torch.Tensor,
+        key: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``sqrt(d) E[ids] + P[positions]`` (positions ``0..T-1`` unless given: a decoding step
+        gives its own), with dropout under ``key``."""
         c, parts = self.config, self._parts()
         vocab = c.src_vocab_size if side == "src" else c.tgt_vocab_size
         check_ids(f"{side} tokens", ids, c.max_seq_len, vocab)
         h = parts[f"{side}_embed"].apply(params[f"{side}_embed"], ids) * math.sqrt(c.d_model)
-        pos = positions_like(ids)
+        pos = positions_like(ids) if positions is None else positions
         if c.positions == "learned":
             h = h + parts[f"{side}_pos"].apply(params[f"{side}_pos"], pos)
         else:

@@ -164,6 +164,26 @@ class MultiHeadAttention(Layer):
         y = self._attend(params, q, k_all, v_all, mask, None, False)
         return cast(torch.Tensor, y), (k_all, v_all)
 
+    def memory_kv(self, params: Params, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention's keys and values for ``memory: (..., S, kv_dim)``, ``(..., kv_heads,
+        S, head_dim)`` each: computed once per source when decoding (:meth:`apply_memory`)."""
+        k, v = (self._proj(n).apply(params[n], memory).transpose(-3, -2) for n in "kv")
+        return k, v
+
+    def apply_memory(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        *,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-attention of ``x: (..., T, d_model)`` to keys and values from
+        :meth:`memory_kv`: :meth:`apply` with ``context=memory``, the memory's projections
+        reused."""
+        q = self._proj("q").apply(params["q"], x).transpose(-3, -2)
+        return cast(torch.Tensor, self._attend(params, q, *memory_kv, mask, None, False))
+
     def _project(
         self,
         params: Params,

@@ -150,10 +150,14 @@ class Block(Layer):
         mask: torch.Tensor,
         positions: torch.Tensor,
         donate: bool = False,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One decoding step of a causal block: self-attention writes ``x``'s keys and values
         into this layer's ``cache`` at ``slots`` and reads every slot under ``mask``
-        (:meth:`MultiHeadAttention.apply_cached`), then the MLP. Without dropout (decode with
+        (:meth:`MultiHeadAttention.apply_cached`); a decoder block then attends to the
+        memory's precomputed ``memory_kv`` under ``memory_mask``
+        (:meth:`MultiHeadAttention.apply_memory`); then the MLP. Without dropout (decode with
         ``fl.nn.inference(model)``). Returns the output and the layer's cache."""
         written: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -166,6 +170,12 @@ class Block(Layer):
             return y
 
         x = self._residual(params, "attn", x, attend, None)
+        if memory_kv is not None:
+            cross = self._attention(cross=True)
+            attend_memory = lambda h: cross.apply_memory(  # noqa: E731
+                params["cross"], h, memory_kv, mask=memory_mask
+            )
+            x = self._residual(params, "cross", x, attend_memory, None)
         x = self._residual(params, "mlp", x, lambda h: self._mlp().apply(params["mlp"], h), None)
         return x, written[0]
 
