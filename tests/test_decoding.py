@@ -64,19 +64,19 @@ def test_prefill_then_decode_steps_equal_the_full_forward(cfg, prompt, steps, pa
 
 
 def test_a_compiled_decode_step_matches_and_compiles_once():
-    cfg = fl.models.GPTConfig.llama(vocab_size=17, max_seq_len=32, d_model=16, n_layers=2,
+    cfg = fl.models.GPTConfig.llama(vocab_size=17, max_seq_len=80, d_model=16, n_layers=2,
                                     n_heads=4, n_kv_heads=2)  # fmt: skip
     model = fl.models.GPT(cfg)
     params = model.init(random.key(0))
     counter = torch._dynamo.testing.CompileCounter()
     step = torch.compile(lambda c, t: G.decode_step(model, params, c, t), backend=counter,
                          fullgraph=True)  # fmt: skip
-    for batch in range(2):  # two generations of one shape: one graph for all of them
+    for batch in range(3):  # three generations of one shape, 64 tokens each: one graph
         prompt, valid = left_padded(random.key(batch), 3, 5, 17, [0, 2, 4])
-        _, eager = G.prefill(model, params, prompt, valid, max_len=32)
+        _, eager = G.prefill(model, params, prompt, valid, max_len=80)
         compiled = eager
         nxt = prompt[:, -1:].contiguous()  # (a (3, 1) view of (3, 5) has other strides)
-        for _ in range(12):
+        for _ in range(64):
             want, eager = G.decode_step(model, params, eager, nxt)
             got, compiled = step(compiled, nxt)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -132,6 +132,21 @@ def test_eos_finishes_a_row_and_sampling_is_a_function_of_the_key():
     assert torch.equal(torch.stack(streamed, 1), a.tokens[:, 3:])
 
 
+def test_sampling_with_a_key_per_row_gives_each_row_the_same_text_in_any_batch():
+    cfg = fl.models.GPTConfig(vocab_size=11, max_seq_len=24, d_model=16, n_layers=1, n_heads=2)
+    model = fl.models.GPT(cfg)
+    params = model.init(random.key(12))
+    prompts = [[1, 2, 3, 4], [5], [6, 7]]
+    tokens, valid = G.left_pad(prompts)
+    keys = random.split(random.key(13), 3)
+    batched = G.generate(model, params, tokens, valid, max_new_tokens=6, key=keys,
+                         temperature=1.0, top_p=0.9)  # fmt: skip
+    for row, p in enumerate(prompts):
+        alone = G.generate(model, params, torch.tensor([p]), max_new_tokens=6,
+                           key=keys[row : row + 1], temperature=1.0, top_p=0.9)  # fmt: skip
+        assert batched.tokens[row][batched.valid[row]].tolist() == alone.tokens[0].tolist()
+
+
 def test_decode_step_is_pure_unless_the_cache_is_donated():
     cfg = fl.models.GPTConfig(vocab_size=11, max_seq_len=16, d_model=16, n_layers=2, n_heads=2)
     model = fl.models.GPT(cfg)
@@ -184,3 +199,17 @@ def test_decode_steps_compiled_by_inductor_match_eager():
         got, compiled = step(compiled, nxt)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         nxt = want[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.slow  # an inductor compile (--full tier)
+def test_generation_with_a_compiled_decoder_equals_eager_and_reuses_its_graph():
+    cfg = fl.models.GPTConfig.llama(vocab_size=23, max_seq_len=40, d_model=16, n_layers=2,
+                                    n_heads=4, n_kv_heads=2)  # fmt: skip
+    model = fl.models.GPT(cfg)
+    params = model.init(random.key(14))
+    compiled = G.decoder(model, params, compile=True)
+    for seed in range(2):
+        prompt = random.randint(random.key(seed), (2, 6), 0, 23)
+        eager = G.generate(model, params, prompt, max_new_tokens=24)
+        fast = G.generate(model, params, prompt, max_new_tokens=24, decode=compiled)
+        assert torch.equal(fast.tokens, eager.tokens)

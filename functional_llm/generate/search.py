@@ -16,7 +16,7 @@ comes out exactly as it would alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import torch
 
@@ -133,7 +133,9 @@ def generate(
 
     ``processors`` transform the logits first; then ``temperature=0`` is greedy, and otherwise
     ``temperature``, ``top_k`` and ``top_p`` shape the distribution that tokens are sampled
-    from with ``key`` (required; the token for slot ``s`` uses ``fold_in(key, s)``). A row
+    from with ``key`` (required): one key for the batch (the token for slot ``s`` uses
+    ``fold_in(key, s)``), or one per row, ``(B, 2)``, which makes each row's text independent
+    of the batch it is in. A row
     finishes at an EOS id or when ``stop`` says so; ``max_len`` (default
     ``T0 + max_new_tokens``) sizes the cache; ``decode`` replaces the decode step (e.g. a
     compiled one from :func:`decoder`); ``on_token`` receives each new ``(B,)`` column as it is
@@ -163,9 +165,7 @@ def generate(
         logits, cache = start(model, params, prompt, valid, src, src_valid, width)
         for t in range(max_new_tokens):
             scores = process(logits[:, -1].float(), Context(tokens, real, t))
-            nxt = scores.argmax(-1) if temperature == 0 else random.categorical(
-                random.fold_in(cast(torch.Tensor, key), t0 + t), scores
-            )  # fmt: skip
+            nxt = scores.argmax(-1) if temperature == 0 else _draw(key, scores, t0 + t, real)
             nxt = torch.where(alive, nxt, pad)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             real = torch.cat([real, alive[:, None]], dim=1)
@@ -178,3 +178,17 @@ def generate(
                 break
             logits, cache = step(cache, nxt[:, None].contiguous())
     return Generation(tokens, real)
+
+
+def _draw(key: Any, scores: torch.Tensor, slot: int, real: torch.Tensor) -> torch.Tensor:
+    """Sample each row's next token: with one key, from ``fold_in(key, slot)`` for the whole
+    batch; with a key per row ``(B, 2)``, row ``b`` from ``fold_in(key[b], n_b)``, ``n_b`` its
+    number of real tokens, so that a row draws the same tokens in any batch, with any
+    padding."""
+    if key.ndim == 1:
+        return random.categorical(random.fold_in(key, slot), scores)
+    if key.shape != (scores.shape[0], 2):
+        raise ValueError(f"generate: key must be one key (2,) or one per row ({scores.shape[0]}, "
+                         f"2), got {tuple(key.shape)}")  # fmt: skip
+    draw = lambda k, n, z: random.categorical(random.fold_in(k, n), z)  # noqa: E731
+    return torch.func.vmap(draw)(key, real.long().sum(-1), scores)
