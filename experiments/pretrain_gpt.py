@@ -372,9 +372,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if guard.skip:
         say(f"{int(guard.skipped)} steps skipped for a non-finite loss or gradient")
     prompt = val_ids[: args.block_size // 2][None]
-    generated = fl.generate.sample(
-        model, params, prompt, args.sample_chars, k_sample, temperature=0.8, top_k=20
-    )
+    generated = fl.generate.generate(  # with the cache, rolling past the context window
+        model, params, prompt, max_new_tokens=args.sample_chars, key=k_sample, temperature=0.8,
+        top_k=20, max_len=args.block_size, rolling=True,
+    ).tokens  # fmt: skip
     sample_text = tok.decode(generated[0])
     (out / "samples.txt").write_text(sample_text, encoding="utf-8")
     total = time.perf_counter() - started

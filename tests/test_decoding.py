@@ -213,3 +213,21 @@ def test_generation_with_a_compiled_decoder_equals_eager_and_reuses_its_graph():
         eager = G.generate(model, params, prompt, max_new_tokens=24)
         fast = G.generate(model, params, prompt, max_new_tokens=24, decode=compiled)
         assert torch.equal(fast.tokens, eager.tokens)
+
+
+def test_rolling_generation_past_the_cache_conditions_on_the_newest_half():
+    cfg = fl.models.GPTConfig(vocab_size=11, max_seq_len=16, d_model=16, n_layers=2, n_heads=2)
+    model = fl.models.GPT(cfg)
+    params = model.init(random.key(15))
+    prompt, width, n = [1, 2, 3], 8, 30
+    out = G.generate(model, params, torch.tensor([prompt]), max_new_tokens=n, max_len=width,
+                     rolling=True)  # fmt: skip
+    seq, start, used = list(prompt), 0, len(prompt)  # the same schedule, without a cache
+    for i in range(n):
+        logits = model.apply(params, torch.tensor([seq[start:]]))
+        seq.append(int(logits[0, -1].argmax()))
+        if i + 1 < n and used == width:  # full: the newest half starts a fresh context
+            start, used = len(seq) - width // 2, width // 2
+        elif i + 1 < n:
+            used += 1
+    assert out.tokens[0].tolist() == seq

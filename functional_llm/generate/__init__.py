@@ -12,7 +12,14 @@ from functional_llm.generate.cache import (
     prefill,
     reorder,
 )
-from functional_llm.generate.search import Generation, decoder, generate, left_pad, stop_sequences
+from functional_llm.generate.search import (
+    Generation,
+    decoder,
+    generate,
+    left_pad,
+    stop_sequences,
+    stop_strings,
+)
 from functional_llm.generate.window import sample
 
 __all__ = [
@@ -32,4 +39,5 @@ __all__ = [
     "sample",
     "search",
     "stop_sequences",
+    "stop_strings",
 ]

@@ -28,7 +28,15 @@ from functional_llm.generate.processors import top_k as top_k_
 from functional_llm.generate.processors import top_p as top_p_
 from functional_llm.nn.dropout import inference
 
-__all__ = ["Generation", "decoder", "generate", "left_pad", "stop_sequences"]
+__all__ = [
+    "Generation",
+    "decoder",
+    "generate",
+    "left_pad",
+    "start",
+    "stop_sequences",
+    "stop_strings",
+]
 
 
 class Generation(NamedTuple):
@@ -106,6 +114,20 @@ def start(
     return decode_step(model, params, cache, prompt, donate=True)  # the fresh cache is ours
 
 
+def stop_strings(decode: Callable[[list[int]], str], strings: Sequence[str], skip: int) -> Stop:
+    """A stop criterion: a row stops once the text of its tokens after the first ``skip``
+    columns (the prompt), decoded with ``decode``, contains one of ``strings``."""
+    if not strings or any(not s for s in strings):
+        raise ValueError("stop_strings: give non-empty strings")
+
+    def stop(context: Context) -> torch.Tensor:
+        new = zip(context.tokens[:, skip:], context.valid[:, skip:], strict=True)
+        texts = [decode(row[ok].tolist()) for row, ok in new]
+        return torch.tensor([any(s in text for s in strings) for text in texts])
+
+    return stop
+
+
 def generate(
     model: Any,
     params: Any,
@@ -126,6 +148,7 @@ def generate(
     max_len: int | None = None,
     decode: Decode | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    rolling: bool = False,
 ) -> Generation:
     """Extend ``prompt: (B, T0)`` (left-padded where ``valid`` is False) by up to
     ``max_new_tokens`` tokens. For an encoder-decoder model, ``src: (B, S)`` (padded where
@@ -139,7 +162,12 @@ def generate(
     finishes at an EOS id or when ``stop`` says so; ``max_len`` (default
     ``T0 + max_new_tokens``) sizes the cache; ``decode`` replaces the decode step (e.g. a
     compiled one from :func:`decoder`); ``on_token`` receives each new ``(B,)`` column as it is
-    produced (streaming)."""
+    produced (streaming). ``rolling=True`` (decoder-only) generates past ``max_len``: when the
+    cache is full, the newest ``max_len // 2`` tokens of each row are prefilled into a fresh
+    one, so every token sees at least that many before it (not the exact sliding window of
+    :func:`~functional_llm.generate.window.sample`, which reruns the whole window per token)."""
+    if rolling and src is not None:
+        raise ValueError("generate: rolling is for decoder-only models")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -162,6 +190,8 @@ def generate(
     alive = torch.ones(batch, dtype=torch.bool)
     with torch.no_grad():
         width = max_len or t0 + max_new_tokens
+        if rolling and width < 2:
+            raise ValueError(f"generate: rolling needs max_len >= 2, got {width}")
         logits, cache = start(model, params, prompt, valid, src, src_valid, width)
         for t in range(max_new_tokens):
             scores = process(logits[:, -1].float(), Context(tokens, real, t))
@@ -176,6 +206,12 @@ def generate(
                 alive = alive & ~stop(Context(tokens, real, t + 1))
             if not bool(alive.any()) or t + 1 == max_new_tokens:
                 break
+            if rolling and int(cache.index) == cache.max_len:  # full: keep the newest half
+                recent, recent_valid = left_pad(
+                    [row[ok][-(width // 2) :] for row, ok in zip(tokens, real, strict=True)], pad
+                )  # (a finished row keeps its last real tokens; what it adds is discarded)
+                logits, cache = prefill(model, params, recent, recent_valid, max_len=width)
+                continue
             logits, cache = step(cache, nxt[:, None].contiguous())
     return Generation(tokens, real)
 
