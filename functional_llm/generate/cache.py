@@ -134,10 +134,12 @@ def prefill(
     valid: torch.Tensor | None = None,
     *,
     max_len: int,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, KVCache]:
     """Run the prompt ``tokens: (B, T0)`` (left-padded where ``valid`` is False) through a
     decoder-only model into a fresh cache of ``max_len`` slots: the logits ``(B, T0, vocab)``
-    and the cache. (An encoder-decoder model starts with :func:`encode`.)"""
+    and the cache (``last_only``: the last position's logits only). (An encoder-decoder model
+    starts with :func:`encode`.)"""
     if hasattr(model, "core"):
         raise TypeError("prefill is for decoder-only models; an encoder-decoder model starts "
                         "with encode(model, params, src, src_valid, max_len=...)")  # fmt: skip
@@ -149,7 +151,7 @@ def prefill(
     check_like("valid", valid, "tokens", tokens)
     cache = init_cache(model, tokens.shape[0], max_len, tokens.device)
     valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool()
-    return _step(model, params, cache, tokens, valid, donate=True)  # the fresh cache is ours
+    return _step(model, params, cache, tokens, valid, donate=True, last_only=last_only)
 
 
 def decode_step(
@@ -159,15 +161,18 @@ def decode_step(
     tokens: torch.Tensor,
     *,
     donate: bool = False,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, KVCache]:
     """The logits ``(B, T, vocab)`` for the next ``tokens: (B, T)`` (usually ``T = 1``) after
     everything in ``cache``, and the cache with them. ``donate=True`` consumes ``cache`` (its
-    buffers are written in place; do not read it again)."""
+    buffers are written in place; do not read it again). ``last_only=True`` unembeds the last
+    position only (``(B, 1, vocab)``: all that generation needs, and the vocabulary projection
+    is the costliest matmul of a small model)."""
     if tokens.ndim != 2 or tokens.shape[0] != cache.valid.shape[0]:
         raise ValueError(f"decode_step: tokens must be (batch = {cache.valid.shape[0]}, T), got "
                          f"{tuple(tokens.shape)}")  # fmt: skip
     valid = torch.ones_like(tokens, dtype=torch.bool)
-    return _step(model, params, cache, tokens, valid, donate=donate)
+    return _step(model, params, cache, tokens, valid, donate=donate, last_only=last_only)
 
 
 def reorder(cache: KVCache, rows: torch.Tensor) -> KVCache:
@@ -190,6 +195,7 @@ def _step(
     valid: torch.Tensor,
     *,
     donate: bool,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, KVCache]:
     dec = _decoder(model, params)
     check_ids("tokens", tokens, None, dec.vocab_size)
@@ -222,7 +228,7 @@ def _step(
         )  # fmt: skip
         ks.append(k)
         vs.append(v)
-    logits = dec.logits(dec.finish(h))
+    logits = dec.logits(dec.finish(h[:, -1:] if last_only else h))
     new = cache._replace(
         k=ks, v=vs, valid=slot_valid, index=cache.index + t,
         position=cache.position + valid.long().sum(-1),

@@ -100,18 +100,18 @@ def start(
     src_valid: torch.Tensor | None,
     max_len: int,
 ) -> tuple[torch.Tensor, KVCache]:
-    """The logits of the prompt and the cache after it: :func:`prefill` for a decoder-only
-    model; for an encoder-decoder model (``src`` given) :func:`encode` the source, then
-    :func:`decode_step` the decoder's prompt (its start tokens, not padded)."""
+    """The logits of the prompt's last position and the cache after it: :func:`prefill` for a
+    decoder-only model; for an encoder-decoder model (``src`` given) :func:`encode` the source,
+    then :func:`decode_step` the decoder's prompt (its start tokens, not padded)."""
     if src is None:
         if hasattr(model, "core"):
             raise ValueError("an encoder-decoder model decodes from a source: pass src=")
-        return prefill(model, params, prompt, valid, max_len=max_len)
+        return prefill(model, params, prompt, valid, max_len=max_len, last_only=True)
     if valid is not None and not bool(valid.all()):
         raise ValueError("an encoder-decoder model's decoder prompt is not padded: every row "
                          "starts with the same number of start tokens")  # fmt: skip
     cache = encode(model, params, src, src_valid, max_len=max_len)
-    return decode_step(model, params, cache, prompt, donate=True)  # the fresh cache is ours
+    return decode_step(model, params, cache, prompt, donate=True, last_only=True)
 
 
 def stop_strings(decode: Callable[[list[int]], str], strings: Sequence[str], skip: int) -> Stop:
@@ -210,7 +210,9 @@ def generate(
                 recent, recent_valid = left_pad(
                     [row[ok][-(width // 2) :] for row, ok in zip(tokens, real, strict=True)], pad
                 )  # (a finished row keeps its last real tokens; what it adds is discarded)
-                logits, cache = prefill(model, params, recent, recent_valid, max_len=width)
+                logits, cache = prefill(
+                    model, params, recent, recent_valid, max_len=width, last_only=True
+                )
                 continue
             logits, cache = step(cache, nxt[:, None].contiguous())
     return Generation(tokens, real)
