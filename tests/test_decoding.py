@@ -231,3 +231,26 @@ def test_rolling_generation_past_the_cache_conditions_on_the_newest_half():
         elif i + 1 < n:
             used += 1
     assert out.tokens[0].tolist() == seq
+
+
+def test_stop_criteria_finish_rows_at_a_token_sequence_or_a_string():
+    cfg = fl.models.GPTConfig(vocab_size=11, max_seq_len=24, d_model=16, n_layers=1, n_heads=2)
+    model = fl.models.GPT(cfg)
+    params = model.init(random.key(16))
+    prompt = random.randint(random.key(17), (2, 3), 0, 11)
+    run = lambda **kw: G.generate(model, params, prompt, max_new_tokens=8, key=random.key(18),  # noqa: E731
+                                  temperature=1.0, **kw)  # fmt: skip
+    seq = run().tokens[0].tolist()
+    tail = seq[5:7]  # row 0's 3rd and 4th new tokens
+    letters = lambda ids: "".join("abcdefghijk"[i] for i in ids)  # noqa: E731
+    criteria = {
+        "tokens": (G.stop_sequences([tail]), 3),  # may match across the end of the prompt
+        "text": (G.stop_strings(letters, [letters(tail)], skip=3), 4),  # generated text only
+    }
+    for name, (stop, first) in criteria.items():
+        end = next(i for i in range(first, 11) if seq[i - 1 : i + 1] == tail)
+        out = run(stop=stop)
+        assert out.valid[0, : end + 1].all() and not out.valid[0, end + 1 :].any(), name
+        assert out.tokens[0, : end + 1].tolist() == seq[: end + 1], name
+    with pytest.raises(ValueError, match="non-empty strings"):
+        G.stop_strings(letters, [""], skip=3)
