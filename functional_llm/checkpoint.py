@@ -109,11 +109,9 @@ def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = 
         "metadata": metadata or {},
     }
     try:
-        header = {"manifest": json.dumps(manifest, allow_nan=False)}
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"checkpoint.save: metadata must be JSON-serialisable (finite numbers): {err}"
-        ) from None
+        header = {"manifest": json.dumps(manifest)}  # (Python's JSON: inf and nan round-trip)
+    except TypeError as err:
+        raise TypeError(f"checkpoint.save: metadata must be JSON-serialisable: {err}") from None
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
     return path
