@@ -121,3 +121,23 @@ def test_encoder_decoder_misuse_is_named():
     _, gpt_cache = G.prefill(gpt, gpt.init(random.key(0)), src, max_len=4)
     with pytest.raises(ValueError, match="this cache is for a decoder-only model"):
         G.decode_step(model, params, gpt_cache, src[:, :1])
+
+
+def test_a_compiled_seq2seq_decode_step_matches_and_compiles_once():
+    import torch._dynamo.testing
+
+    model, params = translator(5)
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(lambda c, t: G.decode_step(model, params, c, t), backend=counter,
+                         fullgraph=True)  # fmt: skip
+    for seed in range(2):
+        src = random.randint(random.key(seed), (2, 6), 0, 19)
+        src_valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+        eager = G.encode(model, params, src, src_valid, max_len=16)
+        compiled, nxt = eager, torch.full((2, 1), 1)
+        for _ in range(16):
+            want, eager = G.decode_step(model, params, eager, nxt)
+            got, compiled = step(compiled, nxt)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            nxt = want[:, -1].argmax(-1, keepdim=True)
+    assert counter.frame_count == 1
