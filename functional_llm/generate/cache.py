@@ -71,8 +71,8 @@ def _decoder(model: Any, p: Params) -> _Decoder:
     if hasattr(model, "core"):  # the encoder-decoder Transformer
         dec = model.core.decoder
         return _Decoder(
-            lambda t, pos: model._embed(p, "tgt", t, None, pos), p["decoder"]["blocks"],
-            dec.block, lambda h: dec.finish(p["decoder"], h), lambda h: model._output(p, h),
+            lambda t, pos: model.embed(p, "tgt", t, None, pos), p["decoder"]["blocks"],
+            dec.block, lambda h: dec.finish(p["decoder"], h), lambda h: model.logits(p, h),
             model.config.tgt_vocab_size,
         )  # fmt: skip
     return _Decoder(

@@ -148,7 +148,7 @@ class Transformer(Layer):
     def axes(self) -> Params:
         return {**axes_of(self._parts()), **self.core.axes()}
 
-    def _embed(
+    def embed(
         self,
         params: Params,
         side: str,
@@ -181,7 +181,7 @@ class Transformer(Layer):
         check_like("src_valid", src_valid, "src", src)
         k_embed, k_enc = maybe_split(key)
         mask = None if src_valid is None else key_padding_mask(src_valid)
-        h = self._embed(params, "src", src, k_embed)
+        h = self.embed(params, "src", src, k_embed)
         return cast(
             torch.Tensor, self.core.encoder.apply(params["encoder"], h, mask=mask, key=k_enc)
         )
@@ -199,7 +199,7 @@ class Transformer(Layer):
         """Target ids ``(..., T)`` and the memory to logits ``(..., T, tgt_vocab)``."""
         check_like("tgt_valid", tgt_valid, "tgt", tgt)
         k_embed, k_dec = maybe_split(key)
-        h = self._embed(params, "tgt", tgt, k_embed)
+        h = self.embed(params, "tgt", tgt, k_embed)
         h = self.core.decoder.apply(
             params["decoder"],
             h,
@@ -209,9 +209,9 @@ class Transformer(Layer):
             memory_mask=None if src_valid is None else key_padding_mask(src_valid),
             key=k_dec,
         )
-        return self._output(params, cast(torch.Tensor, h))
+        return self.logits(params, cast(torch.Tensor, h))
 
-    def _output(self, params: Params, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Decoder states to logits: tied to the target embedding, or the ``out`` projection."""
         if self.config.tie_output:
             return Embedding.attend(params["tgt_embed"], h)
@@ -262,7 +262,7 @@ class Transformer(Layer):
                 starts_decoder: bool = n_enc in layers,
             ) -> Any:
                 if first:
-                    src, tgt = self._embed(p, "src", src, None), self._embed(p, "tgt", tgt, None)
+                    src, tgt = self.embed(p, "src", src, None), self.embed(p, "tgt", tgt, None)
                 for block_params in p["encoder"]["blocks"]:
                     src = cast(torch.Tensor, core.encoder.block.apply(block_params, src))
                 if starts_decoder:
@@ -273,7 +273,7 @@ class Transformer(Layer):
                     )
                 if not last:
                     return src, tgt
-                return self._output(p, core.decoder.finish(p["decoder"], tgt))
+                return self.logits(p, core.decoder.finish(p["decoder"], tgt))
 
             shared = ("tgt_embed",) if c.tie_output and n_stages > 1 and (first or last) else ()
             blocks = (("encoder.blocks", enc), ("decoder.blocks", dec))
