@@ -13,6 +13,11 @@
   unanswerable question scores 1 only for the empty prediction. Reported in percent, overall
   and split into ``HasAns`` / ``NoAns``.
 * :func:`perplexity`: ``exp(mean negative log-likelihood per token)``.
+* :func:`bleu` and :func:`chrf`: corpus BLEU and chrF by ``sacrebleu``, the field's reference
+  implementation (its default tokenisation; the signature string says exactly how), and
+  :func:`rouge`: ROUGE-1/2/L F-measures by Google's ``rouge-score`` (Porter stemming), the
+  implementation summarisation papers report. Both are optional dependencies (the ``text``
+  extra), imported when called.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ from typing import Any
 
 __all__ = [
     "accuracy",
+    "bleu",
+    "chrf",
     "entities",
     "entity_scores",
     "exact_match",
     "macro_f1",
     "normalize_answer",
     "perplexity",
+    "rouge",
     "squad_f1",
     "squad_scores",
 ]
@@ -172,3 +180,43 @@ def squad_scores(examples: Iterable[Any], predictions: Mapping[str, str]) -> dic
 def perplexity(mean_nll: float) -> float:
     """``exp`` of the mean per-token negative log-likelihood (in nats)."""
     return math.exp(mean_nll)
+
+
+def _text_metric(module: str) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ImportError(
+            f"this metric needs {module.split('.')[0]}: pip install 'functional_llm[text]'"
+        ) from None
+
+
+def _pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"give one reference per hypothesis (got {len(hypotheses)} "
+                         f"hypotheses and {len(references)} references), at least one")  # fmt: skip
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Corpus BLEU (0..100) and its sacrebleu signature, one reference per hypothesis."""
+    _pairs(hypotheses, references)
+    metric = _text_metric("sacrebleu.metrics").BLEU()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return {"bleu": float(score.score), "signature": str(metric.get_signature())}
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Corpus chrF (0..100) and its sacrebleu signature."""
+    _pairs(hypotheses, references)
+    metric = _text_metric("sacrebleu.metrics").CHRF()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return {"chrf": float(score.score), "signature": str(metric.get_signature())}
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0..100) over the pairs."""
+    _pairs(hypotheses, references)
+    kinds = ("rouge1", "rouge2", "rougeL")
+    scorer = _text_metric("rouge_score.rouge_scorer").RougeScorer(list(kinds), use_stemmer=True)
+    scores = [scorer.score(r, h) for h, r in zip(hypotheses, references, strict=True)]
+    return {k: 100.0 * sum(s[k].fmeasure for s in scores) / len(scores) for k in kinds}

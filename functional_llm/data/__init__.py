@@ -20,6 +20,7 @@ from functional_llm.data.lm import (
     sample_windows,
     write_tokens,
 )
+from functional_llm.data.parallel import read_catalog, read_parallel, seq2seq_batch
 from functional_llm.data.reading import DataError, read_json, read_jsonl, read_text
 from functional_llm.data.squad import (
     QAExample,
@@ -60,14 +61,17 @@ __all__ = [
     "pad_batch",
     "predict_answers",
     "qa_features",
+    "read_catalog",
     "read_classification",
     "read_conll",
     "read_json",
     "read_jsonl",
+    "read_parallel",
     "read_squad",
     "read_text",
     "read_tokens",
     "sample_windows",
+    "seq2seq_batch",
     "token_span",
     "tokenizer_from_json",
     "word_predictions",
