@@ -145,6 +145,18 @@ def agreed_stop(stop: runs.Stop, done: int, every: int) -> bool:
     return bool(flag)
 
 
+def leave(stop: runs.Stop, done: int, save: Callable[[int], Path], bar: Any = None,
+          say: Callable[[str], None] = print) -> NoReturn:  # fmt: skip
+    """An interrupted run's exit: save step ``done``, say where in one line, and exit with the
+    signal's code (1 when the signal reached another rank)."""
+    path = save(done)
+    if bar is not None:
+        bar.close()
+    say(f"stopped by {stop.signal or 'a signal to another rank'} after step {done}: saved "
+        f"{path}; continue with --resume")  # fmt: skip
+    raise SystemExit(stop.exit_code if stop else 1)
+
+
 def same_tokenizer(path: Path, saved: dict[str, Any]) -> Any:
     """The tokenizer a checkpoint recorded; ``path`` (the run's ``tokenizer.json``) is written
     from it when missing, and must agree with it when present."""

@@ -349,11 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if (it + 1) % args.ckpt_interval == 0:
                 save(it + 1)
             if cli.agreed_stop(stop, it + 1, args.log_interval) and it + 1 < args.max_iters:
-                path = save(it + 1)
-                bar.close()
-                say(f"stopped by {stop.signal or 'a signal to another rank'} after step "
-                    f"{it + 1}: saved {path}; continue with --resume")  # fmt: skip
-                raise SystemExit(stop.exit_code if stop else 1)
+                cli.leave(stop, it + 1, save, bar, say)
     train_seconds = time.perf_counter() - train_started
     trained = len(log.records) if log is not None else 0  # the final evaluation comes after
 

@@ -203,11 +203,7 @@ def run(
                 if (at + 1) % args.ckpt_interval == 0:
                     save(at + 1)
                 if stop and at + 1 < args.max_steps:
-                    path = save(at + 1)
-                    bar.close()
-                    print(f"stopped by {stop.signal} after step {at + 1}: saved {path}; "
-                          "continue with --resume")  # fmt: skip
-                    raise SystemExit(stop.exit_code)
+                    cli.leave(stop, at + 1, save, bar)
     bar.close()
     train_seconds = time.perf_counter() - train_started
     save(args.max_steps)
