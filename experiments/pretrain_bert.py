@@ -173,7 +173,7 @@ def build(args: argparse.Namespace, tok: Any) -> tuple[Any, Any, Any, train.Trai
     cfg = fl.models.BERTConfig(**common.model_fields(args, tok.vocab_size))
     model = fl.models.BERT(cfg)
     decay_steps = args.decay_steps or args.max_steps
-    schedule = optim.warmup_cosine(args.lr, min(args.warmup, decay_steps), decay_steps)
+    schedule = optim.warmup_cosine(args.lr, min(args.warmup, decay_steps - 1), decay_steps)
     decay = lambda p: fl.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
     opt = optim.inject_hyperparams(optim.adamw)(
         schedule, weight_decay=args.weight_decay, mask=decay

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--no-plot", action="store_true")
     args = p.parse_args(argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
-    args.warmup_iters = min(args.warmup_iters, args.lr_decay_iters)
+    args.warmup_iters = min(args.warmup_iters, args.lr_decay_iters - 1)  # >= 1 cosine step
     if args.donate and args.compile:
         p.error("--donate is for eager steps; a compiled step returns fresh buffers")
     if args.donate and args.skip_nonfinite:

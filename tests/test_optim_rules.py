@@ -1,6 +1,8 @@
-"""Lion, Adafactor and LAMB against their published update rules on hand-computed cases."""
+"""Lion, Adafactor and LAMB against their published update rules on hand-computed cases, and
+the edge cases where schedules and momentum follow Optax."""
 
 import numpy as np
+import pytest
 import torch
 
 from functional_llm import optim
@@ -98,3 +100,26 @@ def test_adafactor_unfactored_leaves_keep_full_second_moments():
     out, state = run(opt, {"b": to(p0)}, [{"b": to(g1)}, {"b": to(g2)}])
     np.testing.assert_allclose(out["b"].numpy(), want, rtol=1e-10)
     assert set(state[0].v["b"]) == {"full"}
+
+
+def test_adafactor_momentum_is_a_moving_average_of_its_updates():
+    """Optax's and the paper's rule (``b = m b + (1 - m) u``), not an accumulated sum, whose
+    steps would be ``1 / (1 - m)`` times larger."""
+    kw = dict(min_dim_size_to_factor=2, multiply_by_parameter_scale=False)
+    with_momentum, plain = optim.adafactor(0.1, momentum=0.9, **kw), optim.adafactor(0.1, **kw)
+    params = {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(0))}
+    s_m, s_p = with_momentum.init(params), plain.init(params)
+    average = torch.zeros(4, 3)
+    for t in range(5):
+        grads = {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(t + 1))}
+        u_m, s_m = with_momentum.update(grads, s_m, params)
+        u_p, s_p = plain.update(grads, s_p, params)
+        average = 0.9 * average + 0.1 * u_p["w"]
+        torch.testing.assert_close(u_m["w"], average, rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_edge_cases_follow_optax():
+    held = optim.linear(1.0, 0.0, transition_steps=0)  # no transition: the initial value
+    assert [float(held(t)) for t in (0, 1, 100)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"decay_steps \(5\) must be > warmup_steps \(5\)"):
+        optim.warmup_cosine(1.0, 5, 5)

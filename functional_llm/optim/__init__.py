@@ -47,6 +47,7 @@ from functional_llm.optim.schedules import (
 )
 from functional_llm.optim.transforms import (
     add_decayed_weights,
+    ema,
     scale,
     scale_by_adam,
     scale_by_learning_rate,
@@ -78,6 +79,7 @@ __all__ = [
     "clip_factor",
     "constant",
     "cosine_decay",
+    "ema",
     "global_norm",
     "hyperparams",
     "identity",

@@ -34,6 +34,7 @@ from functional_llm.optim.transforms import (
     ScaleByAdamState,
     ScaleByScheduleState,
     add_decayed_weights,
+    ema,
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_lion,
@@ -221,12 +222,14 @@ def adafactor(
     factored: bool = True,
 ) -> GradientTransformation:
     """Adafactor (Shazeer & Stern 2018): factored second moments, update clipping at RMS
-    ``clipping_threshold``, step size relative to each parameter block's RMS."""
+    ``clipping_threshold``, step size relative to each parameter block's RMS; ``momentum`` is
+    a moving average of the updates (``b = m b + (1 - m) u``, as in the paper, Optax and
+    Hugging Face), not an accumulated sum."""
     return chain(
         scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps),
         clip_by_block_rms(clipping_threshold) if clipping_threshold is not None else identity(),
         scale_by_param_block_rms() if multiply_by_parameter_scale else identity(),
-        _unless_zero(momentum, trace(momentum)),
+        _unless_zero(momentum, ema(momentum)),
         _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
         scale_by_learning_rate(learning_rate),
     )

@@ -43,8 +43,11 @@ def linear(
     init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
 ) -> Schedule:
     """``init`` until ``transition_begin``, then linearly to ``end`` over ``transition_steps``,
-    then ``end``."""
+    then ``end``. With ``transition_steps=0`` there is no transition: ``init`` throughout, as
+    in Optax."""
     _check("transition_steps", transition_steps)
+    if transition_steps == 0:
+        return constant(init_value)
 
     def schedule(count: torch.Tensor | int) -> torch.Tensor:
         frac = ((_step(count) - transition_begin) / max(transition_steps, 1)).clamp(0.0, 1.0)
@@ -93,9 +96,11 @@ def warmup_cosine(
     end_value: float = 0.0,
 ) -> Schedule:
     """Linear warmup ``init -> peak`` over ``warmup_steps``, then cosine ``peak -> end`` until
-    step ``decay_steps`` (counted from 0, warmup included, as in Optax), then ``end``."""
-    if decay_steps < warmup_steps:
-        raise ValueError(f"decay_steps ({decay_steps}) must be >= warmup_steps ({warmup_steps})")
+    step ``decay_steps`` (counted from 0, warmup included, as in Optax), then ``end``. The
+    cosine needs at least one step: ``decay_steps > warmup_steps`` (Optax raises too)."""
+    if decay_steps <= warmup_steps:
+        raise ValueError(f"decay_steps ({decay_steps}) must be > warmup_steps ({warmup_steps}): "
+                         "the cosine part needs at least one step")  # fmt: skip
     alpha = end_value / peak_value if peak_value else 0.0
     return join(
         [

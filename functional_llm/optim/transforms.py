@@ -39,6 +39,7 @@ __all__ = [
     "ScaleByScheduleState",
     "TraceState",
     "add_decayed_weights",
+    "ema",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
@@ -229,6 +230,23 @@ def trace(decay: Scalar, nesterov: bool = False) -> GradientTransformation:
         b = ops.add(g, up_to(spec, state.trace), decay)
         u = ops.add(g, b, decay) if nesterov else b
         return unflat(spec, u), TraceState(unflat(spec, b))
+
+    return GradientTransformation(init, update)
+
+
+def ema(decay: Scalar) -> GradientTransformation:
+    """A moving average of the updates: ``b = decay b + (1 - decay) u``; ``u = b``, without
+    debiasing (Optax's ``ema(decay, debias=False)``; Adafactor's momentum)."""
+
+    def init(params: PyTree) -> TraceState:
+        return TraceState(zeros_like(params))
+
+    def update(updates: PyTree, state: TraceState, params: PyTree | None = None, **_: Any) -> tuple:
+        u, spec = flat(updates)
+        if not u:
+            return updates, state
+        b = ops.ema(up_to(spec, state.trace), u, decay)
+        return unflat(spec, b), TraceState(unflat(spec, b))
 
     return GradientTransformation(init, update)
 
