@@ -158,7 +158,8 @@ def beam_search(
     """Beam search from ``prompt: (B, T0)`` (left-padded where ``valid`` is False): the
     ``num_return`` best continuations per row and their scores. For an encoder-decoder model,
     ``src`` (padded where ``src_valid`` is False) is the source and ``prompt`` the decoder's
-    start tokens; the source is encoded once, then repeated for the beams.
+    start tokens. The prompt (and the source) run once per row; the cache is then copied to
+    the row's beams.
     ``processors`` transform each step's log-probabilities (repetition penalty, banned
     n-grams, ...)."""
     if num_beams < 1:
@@ -167,10 +168,8 @@ def beam_search(
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
     model = inference(model)
     valid = torch.ones_like(prompt, dtype=torch.bool) if valid is None else valid.bool()
-    prompt_k, valid_k = (
-        prompt.repeat_interleave(num_beams, 0),
-        valid.repeat_interleave(num_beams, 0),
-    )
+    rows = torch.arange(prompt.shape[0]).repeat_interleave(num_beams)  # row b's K beams
+    prompt_k, valid_k = prompt[rows], valid[rows]
     step = decoder(model, params)
     state: dict[str, Any] = {"history": prompt_k, "real": valid_k, "t": 0}
 
@@ -181,12 +180,10 @@ def beam_search(
         return processors(logp, Context(state["history"], state["real"], state["t"]))
 
     with torch.no_grad():
-        src_k = None if src is None else src.repeat_interleave(num_beams, 0)
-        src_valid_k = None if src_valid is None else src_valid.repeat_interleave(num_beams, 0)
-        width = prompt.shape[1] + max_new_tokens
-        logits, cache = start(model, params, prompt_k, valid_k, src_k, src_valid_k, width)
-        first = scored(logits[:, -1]).reshape(prompt.shape[0], num_beams, -1)[:, 0]
-        state["cache"] = cache
+        width = prompt.shape[1] + max_new_tokens  # the prompt (and source) run once per row
+        logits, cache = start(model, params, prompt, valid, src, src_valid, width)
+        first = scored(logits[rows, -1]).reshape(prompt.shape[0], num_beams, -1)[:, 0]
+        state["cache"] = reorder(cache, rows)  # then the cache rows are copied to the beams
 
         def advance(beams: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
             state["history"] = torch.cat([state["history"][beams], tokens[:, None]], dim=1)

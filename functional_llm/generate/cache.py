@@ -19,8 +19,9 @@ Shapes are static (``L`` is fixed, the slot index is a tensor), so a compiled
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+import optree
 import torch
 
 from functional_llm.models.inputs import check_ids, check_like
@@ -178,13 +179,9 @@ def decode_step(
 def reorder(cache: KVCache, rows: torch.Tensor) -> KVCache:
     """The cache whose row ``i`` is ``cache``'s row ``rows[i]`` (beam search follows its
     beams with it)."""
-    pick = lambda x: x.index_select(0, rows)  # noqa: E731
-    memory_valid = None if cache.memory_valid is None else pick(cache.memory_valid)
-    return KVCache(
-        [pick(k) for k in cache.k], [pick(v) for v in cache.v], pick(cache.valid), cache.index,
-        pick(cache.position), tuple(map(pick, cache.memory_k)), tuple(map(pick, cache.memory_v)),
-        memory_valid,
-    )  # fmt: skip
+    rest = cast(Any, cache._replace(index=None))  # the slot index is shared by every row
+    picked = cast(KVCache, optree.tree_map(lambda x: x.index_select(0, rows), rest))
+    return picked._replace(index=cache.index)
 
 
 def _step(
