@@ -158,14 +158,14 @@ def generate(
     ``temperature``, ``top_k`` and ``top_p`` shape the distribution that tokens are sampled
     from with ``key`` (required): one key for the batch (the token for slot ``s`` uses
     ``fold_in(key, s)``), or one per row, ``(B, 2)``, which makes each row's text independent
-    of the batch it is in. A row
-    finishes at an EOS id or when ``stop`` says so; ``max_len`` (default
-    ``T0 + max_new_tokens``) sizes the cache; ``decode`` replaces the decode step (e.g. a
-    compiled one from :func:`decoder`); ``on_token`` receives each new ``(B,)`` column as it is
-    produced (streaming). ``rolling=True`` (decoder-only) generates past ``max_len``: when the
-    cache is full, the newest ``max_len // 2`` tokens of each row are prefilled into a fresh
-    one, so every token sees at least that many before it (not the exact sliding window of
-    :func:`~functional_llm.generate.window.sample`, which reruns the whole window per token)."""
+    of the batch it is in. A row finishes at an EOS id or when ``stop`` says so; ``max_len``
+    (default ``T0 + max_new_tokens``) sizes the cache; ``decode`` replaces the decode step
+    (e.g. a compiled one from :func:`decoder`); ``on_token`` receives each new ``(B,)`` column
+    as it is produced (streaming). ``rolling=True`` (decoder-only) generates past
+    ``max_len``: when the cache is full, the newest ``max_len // 2`` tokens of each row are
+    prefilled into a fresh one, so every token sees at least that many before it (not the
+    exact sliding window of :func:`~functional_llm.generate.window.sample`, which reruns the
+    whole window per token)."""
     if rolling and src is not None:
         raise ValueError("generate: rolling is for decoder-only models")
     if max_new_tokens < 0:

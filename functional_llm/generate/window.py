@@ -6,8 +6,9 @@
     logits = top_k(logits)                                       optional: keep the k largest
     token  ~ categorical(fold_in(key, i), logits)                the same key, the same text
 
-Each new token reruns the model on the last ``max_seq_len`` tokens (no KV cache yet): simple
-and exact, fine for the short samples an experiment prints.
+Each new token reruns the model on the last ``max_seq_len`` tokens, without a cache: the
+exact sliding window, for texts longer than the model's context (``generate.generate`` with
+the key/value cache is the fast way; its ``rolling=True`` keeps at least half a window).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from functional_llm import random
+from functional_llm.generate import processors
 from functional_llm.nn.dropout import inference
 
 __all__ = ["sample"]
@@ -39,6 +41,9 @@ def sample(
     if temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError("sample: temperature must be >= 0 and top_k >= 1")
     window, model = model.config.max_seq_len, inference(model)  # no dropout while sampling
+    warpers = [] if temperature == 0 else [processors.temperature(temperature)]
+    shape = processors.chain(*warpers, *([processors.top_k(top_k)] if top_k is not None else []))
+    context = processors.Context(prompt, torch.ones_like(prompt, dtype=torch.bool), 0)  # unread
     tokens = prompt
     with torch.no_grad():
         for i in range(n):
@@ -46,10 +51,7 @@ def sample(
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                logits = shape(logits, context)
                 nxt = random.categorical(random.fold_in(key, i), logits)
             tokens = torch.cat([tokens, nxt[:, None].to(tokens.dtype)], dim=1)
     return tokens
