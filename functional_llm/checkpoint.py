@@ -81,7 +81,8 @@ def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = 
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, Any] = {}
     seen: set[int] = set()
-    entries = _entries(state)
+    key_paths = _key_paths(state)
+    entries = {_name(keys): leaf for keys, leaf in key_paths}
     for name, leaf in entries.items():
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().to("cpu").contiguous()
@@ -102,7 +103,7 @@ def save(path: str | os.PathLike, state: Any, metadata: dict[str, Any] | None = 
         "library": _library_version(),
         "torch": torch.__version__,
         "paths": list(entries),
-        "keys": [keys for keys, _ in _key_paths(state)],
+        "keys": [keys for keys, _ in key_paths],
         "values": values,
         "crc32": {name: _crc(t) for name, t in tensors.items()},
         "finite": all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()),
