@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from functional_llm import checkpoint, data, runs, train
+from functional_llm import checkpoint, data, runs, train, tree
 from functional_llm.types import Metrics
 
 
@@ -155,6 +155,16 @@ def leave(stop: runs.Stop, done: int, save: Callable[[int], Path], bar: Any = No
     say(f"stopped by {stop.signal or 'a signal to another rank'} after step {done}: saved "
         f"{path}; continue with --resume")  # fmt: skip
     raise SystemExit(stop.exit_code if stop else 1)
+
+
+def trained_params(model: Any, saved: Any) -> Any:
+    """``model``'s params in a checkpoint read without a template: a training checkpoint's
+    ``TrainState`` params (``{"state": ...}``) or a params-only one (``{"params": ...}``), laid
+    out as ``model``'s tree (its meta-tensor ``shapes()``, no init) and checked against it."""
+    raw = saved["state"][0] if "state" in saved else saved["params"]  # TrainState.params
+    params = tree.unflatten(tree.flatten(raw), like=model.shapes())
+    model.check(params)
+    return params
 
 
 def same_tokenizer(path: Path, saved: dict[str, Any]) -> Any:

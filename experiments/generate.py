@@ -82,9 +82,7 @@ def load(where: Path) -> tuple[Any, Any, Any]:
             "decoder-only models from pretrain_gpt generate here"
         )
     model = fl.models.GPT(checkpoint.config_from_dict(fl.models.GPTConfig, config))
-    raw = saved["state"][0] if "state" in saved else saved["params"]  # TrainState.params
-    params = fl.tree.unflatten(fl.tree.flatten(raw), like=model.init(random.key(0)))
-    model.check(params)
+    params = cli.trained_params(model, saved)
     if "tokenizer" in meta:
         tok = data.tokenizer_from_json(meta["tokenizer"], f"{path}'s tokenizer")
     else:  # a checkpoint written before checkpoints held their tokenizer

@@ -244,6 +244,5 @@ def use_trained(args: argparse.Namespace, sources: Sequence[str]) -> list[str]:
     tok = data.tokenizer_from_json(restored.metadata["tokenizer"], "the checkpoint's tokenizer")
     cfg = checkpoint.config_from_dict(fl.models.TransformerConfig, restored.metadata["config"])
     model = fl.nn.inference(fl.models.Transformer(cfg))
-    raw = restored.state["state"][0]  # TrainState.params
-    params = fl.tree.unflatten(fl.tree.flatten(raw), like=model.init(random.key(0)))
+    params = cli.trained_params(model, restored.state)
     return generate(model, params, tok, sources, args, args.num_beams)
