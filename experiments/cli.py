@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import torch
 
 from functional_llm import checkpoint, data, runs, train, tree
+from functional_llm.nn import eval_shape
 from functional_llm.types import Metrics
 
 
@@ -115,8 +116,9 @@ def resume_with_tokenizer(
 ) -> tuple[checkpoint.Restored | None, Any]:
     """``--resume`` for a run whose state depends on its tokenizer: the newest intact
     checkpoint, read into ``template(tokenizer)`` built from the tokenizer that checkpoint
-    recorded, and that tokenizer (checked against the run's ``tokenizer.json``); ``(None,
-    None)`` when there is nothing to resume."""
+    recorded (on the meta device: the template gives the layout, the file the values), and
+    that tokenizer (checked against the run's ``tokenizer.json``); ``(None, None)`` when there
+    is nothing to resume."""
     recorded: dict[str, Any] = {}
 
     def like(meta: dict[str, Any]) -> Any:
@@ -124,7 +126,8 @@ def resume_with_tokenizer(
         if saved is None:  # a checkpoint written before checkpoints held the tokenizer
             saved = data.load_tokenizer(tokenizer_file).to_json()
         recorded["tokenizer"] = saved
-        return template(data.tokenizer_from_json(saved, "the checkpoint's tokenizer"))
+        tok = data.tokenizer_from_json(saved, "the checkpoint's tokenizer")
+        return eval_shape(template, tok)  # shapes and dtypes only: no second init
 
     restored = resume(ckpts, like)
     if restored is None:
