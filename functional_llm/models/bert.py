@@ -3,7 +3,7 @@
 h_0 = LayerNorm(E[tokens] + P[positions] + T[token_types])     embeddings
 h_l = block_l(h_{l-1})                                        post-LN, bidirectional
 pooled = tanh(W_p h_L[..., 0, :] + b_p)                        the [CLS] summary
-mlm_logits = LayerNorm(gelu(W_t h_L + b_t)) E^T + b_mlm         tied masked-LM head
+mlm_logits = LayerNorm(act(W_t h_L + b_t)) E^T + b_mlm          tied masked-LM head
 nsp_logits = W_nsp pooled + b_nsp                              is-next-sentence head
 """
 
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 
 from functional_llm import random
 from functional_llm.init import Normal
@@ -21,6 +20,7 @@ from functional_llm.models.config import check_choice, check_divides, check_posi
 from functional_llm.models.inputs import check_ids, check_like, check_range
 from functional_llm.models.stages import Stage, cut
 from functional_llm.nn import (
+    ACTIVATIONS,
     Block,
     Embedding,
     LayerNorm,
@@ -238,9 +238,10 @@ class BERT(Layer):
         return self.apply(params, tokens, **kwargs).hidden
 
     def mlm_logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
-        """Masked-LM scores ``(..., vocab)`` from hidden states, tied to the token embeddings."""
+        """Masked-LM scores ``(..., vocab)`` from hidden states, tied to the token embeddings; the
+        transform uses the model's activation, as BERT's ``BertPredictionHeadTransform`` does."""
         parts, mlm = self._parts(), params["mlm"]
-        t = F.gelu(parts["mlm_transform"].apply(mlm["transform"], h))
+        t = ACTIVATIONS[self.config.activation](parts["mlm_transform"].apply(mlm["transform"], h))
         t = parts["mlm_norm"].apply(mlm["norm"], t)
         return Embedding.attend(params["embed"], t) + mlm["bias"]
 

@@ -84,7 +84,8 @@ class GPTConfig:
 
     @classmethod
     def gpt2(cls, size: str = "small", **overrides: Any) -> GPTConfig:
-        """GPT-2 ``small`` (124M), ``medium``, ``large`` or ``xl``, with any field overridden."""
+        """GPT-2 ``small`` (124M), ``medium``, ``large`` or ``xl``, with any field overridden.
+        GPT-2's MLP uses the tanh approximation of GELU (``gelu_new`` in Hugging Face)."""
         sizes = {
             "small": (12, 12, 768),
             "medium": (24, 16, 1024),
@@ -94,7 +95,8 @@ class GPTConfig:
         if size not in sizes:
             raise ValueError(f"GPT-2 size must be one of {', '.join(sizes)}; got {size!r}")
         n_layers, n_heads, d_model = sizes[size]
-        return cls(**{"n_layers": n_layers, "n_heads": n_heads, "d_model": d_model, **overrides})
+        gpt2 = {"n_layers": n_layers, "n_heads": n_heads, "d_model": d_model}
+        return cls(**{**gpt2, "activation": "gelu_tanh", **overrides})
 
     @classmethod
     def llama(cls, **overrides: Any) -> GPTConfig:

@@ -6,6 +6,8 @@ embeddings, positions, the ``torch.nn.Transformer`` core, an output projection.
     logits = W_out h + b_out                              (..., T, tgt_vocab)
 
 Field names follow ``torch.nn.Transformer`` (``d_model, nhead, num_encoder_layers, ...``).
+``final_norm=False`` drops the encoder's and decoder's final LayerNorm and
+``scale_embedding=False`` the ``sqrt(d)`` factor: Marian and BART are built that way.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class TransformerConfig:
     max_seq_len: int = 5000
     positions: str = "sinusoidal"
     tie_output: bool = False
+    final_norm: bool = True
+    scale_embedding: bool = True
     dtype: torch.dtype = torch.float32
     remat: bool = False
 
@@ -94,9 +98,17 @@ class Transformer(Layer):
     def core(self) -> EncoderDecoder:
         c = self.config
         return EncoderDecoder(
-            encoder=Stack(block=self._block(Block), n_layers=c.num_encoder_layers, remat=c.remat),
+            encoder=Stack(
+                block=self._block(Block),
+                n_layers=c.num_encoder_layers,
+                final_norm=c.final_norm,
+                remat=c.remat,
+            ),
             decoder=Decoder(
-                block=self._block(DecoderBlock), n_layers=c.num_decoder_layers, remat=c.remat
+                block=self._block(DecoderBlock),
+                n_layers=c.num_decoder_layers,
+                final_norm=c.final_norm,
+                remat=c.remat,
             ),
         )
 
@@ -156,12 +168,15 @@ class Transformer(Layer):
         key: torch.Tensor | None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``sqrt(d) E[ids] + P[positions]`` (positions ``0..T-1`` unless given: a decoding step
-        gives its own), with dropout under ``key``."""
+        """``sqrt(d) E[ids] + P[positions]`` (``E[ids] + P`` without ``scale_embedding``), with
+        positions ``0..T-1`` unless given (a decoding step gives its own) and dropout under
+        ``key``."""
         c, parts = self.config, self._parts()
         vocab = c.src_vocab_size if side == "src" else c.tgt_vocab_size
         check_ids(f"{side} tokens", ids, c.max_seq_len, vocab)
-        h = parts[f"{side}_embed"].apply(params[f"{side}_embed"], ids) * math.sqrt(c.d_model)
+        h = parts[f"{side}_embed"].apply(params[f"{side}_embed"], ids)
+        if c.scale_embedding:
+            h = h * math.sqrt(c.d_model)
         pos = positions_like(ids) if positions is None else positions
         if c.positions == "learned":
             h = h + parts[f"{side}_pos"].apply(params[f"{side}_pos"], pos)
@@ -247,9 +262,9 @@ class Transformer(Layer):
                 own: Params = {n: params[n] for n in dict.fromkeys(names) if n in params}
                 own["encoder"] = {"blocks": [params["encoder"]["blocks"][i] for i in enc]}
                 own["decoder"] = {"blocks": [params["decoder"]["blocks"][i] for i in dec]}
-                if starts_decoder:
+                if starts_decoder and c.final_norm:
                     own["encoder"]["norm"] = params["encoder"]["norm"]
-                if last:
+                if last and c.final_norm:
                     own["decoder"]["norm"] = params["decoder"]["norm"]
                 return own
 
