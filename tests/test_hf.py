@@ -101,7 +101,8 @@ CASES = {
 
 
 def _close(a: Any, b: Any) -> None:
-    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+    a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=TOL, atol=TOL)
 
 
@@ -128,7 +129,7 @@ def test_loaded_logits_equal_transformers(saved: Any, seed: int, b: int, t: int)
 def test_saved_folder_loads_in_transformers_with_the_same_logits(
     saved: Any, tmp_path: Path
 ) -> None:
-    reference, model, params, ours, theirs = saved
+    reference, model, params, _, theirs = saved
     hf.save(model, params, tmp_path / "out")
     back = type(reference).from_pretrained(tmp_path / "out").eval()
     x, valid = _batch(1)
@@ -247,7 +248,7 @@ def test_unsupported_llama_fields_are_refused(tmp_path: Path) -> None:
 def test_a_pickle_only_folder_is_refused_without_reading_it(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read: would be unpickled")
-    with pytest.raises(hf.MappingError, match="pytorch_model.bin, a pickle; .* never unpickles"):
+    with pytest.raises(hf.MappingError, match=r"pytorch_model.bin, a pickle; .* never unpickles"):
         hf.load(tmp_path)
     with pytest.raises(FileNotFoundError):
         hf.load(tmp_path / "absent")
@@ -257,12 +258,12 @@ def test_save_refuses_what_the_family_cannot_express(tmp_path: Path) -> None:
     cfg = fl.models.GPTConfig(vocab_size=50, max_seq_len=16, d_model=16, n_layers=1, n_heads=2)
     sinusoidal = fl.models.GPT(fl.models.GPTConfig(**{**cfg.__dict__, "positions": "sinusoidal"}))
     params = sinusoidal.init(fl.random.key(0))
-    with pytest.raises(hf.MappingError, match="GPTConfig.positions='sinusoidal': GPT-2 needs"):
+    with pytest.raises(hf.MappingError, match=r"GPTConfig.positions='sinusoidal': GPT-2 needs"):
         hf.save(sinusoidal, params, tmp_path / "a")
     native = fl.models.Transformer(
         fl.models.TransformerConfig(src_vocab_size=30, tgt_vocab_size=30, d_model=16, nhead=2)
     )
-    with pytest.raises(hf.MappingError, match="TransformerConfig.final_norm=True: Marian"):
+    with pytest.raises(hf.MappingError, match=r"TransformerConfig.final_norm=True: Marian"):
         hf.save(native, native.init(fl.random.key(0)), tmp_path / "b")
     gpt = fl.models.GPT(cfg)
     wrong = gpt.init(fl.random.key(0))
@@ -281,5 +282,5 @@ def test_marian_positions_must_stay_fixed(tmp_path: Path) -> None:
     model, params = hf.load(tmp_path / "in")
     torch.testing.assert_close(params["src_pos"]["table"], hf.marian_positions(64, 32))
     params["tgt_pos"]["table"] = params["tgt_pos"]["table"] + 0.1
-    with pytest.raises(hf.MappingError, match="tgt_pos.table is not Marian's fixed"):
+    with pytest.raises(hf.MappingError, match=r"tgt_pos.table is not Marian's fixed"):
         hf.save(model, params, tmp_path / "out")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -42,6 +42,22 @@ SPECIALS: dict[str, str] = {
     "mask": "[MASK]",
     "bos": "[EOS]",
     "eos": "[EOS]",
+}
+
+
+# The usual special tokens of Hugging Face tokenizers and the roles they play.
+_ROLES_BY_NAME: dict[str, tuple[str, ...]] = {
+    "[PAD]": ("pad",),
+    "[UNK]": ("unk",),
+    "[CLS]": ("cls",),
+    "[SEP]": ("sep",),
+    "[MASK]": ("mask",),
+    "<|endoftext|>": ("bos", "eos", "unk"),
+    "<s>": ("bos", "cls"),
+    "</s>": ("eos", "sep"),
+    "<unk>": ("unk",),
+    "<pad>": ("pad",),
+    "<mask>": ("mask",),
 }
 
 
@@ -111,6 +127,7 @@ class SubwordTokenizer:
 
     backend: tokenizers.Tokenizer
     kind: Literal["wordpiece", "bpe"]
+    specials: Mapping[str, str] = field(default_factory=lambda: dict(SPECIALS), hash=False)
 
     @classmethod
     def train(
@@ -171,14 +188,17 @@ class SubwordTokenizer:
         """The id of a special token by role: ``pad unk cls sep mask bos eos``."""
         if role not in SPECIALS:
             raise KeyError(f"unknown special-token role {role!r}; roles: {sorted(SPECIALS)}")
-        i = self.backend.token_to_id(SPECIALS[role])
+        if role not in self.specials:
+            have = ", ".join(f"{r}={t!r}" for r, t in self.specials.items()) or "none"
+            raise KeyError(f"the tokenizer has no special token for role {role!r} (it has {have})")
+        i = self.backend.token_to_id(self.specials[role])
         if i is None:
-            raise KeyError(f"the tokenizer has no {SPECIALS[role]!r} token (role {role!r})")
+            raise KeyError(f"the tokenizer has no {self.specials[role]!r} token (role {role!r})")
         return i
 
     @property
     def special_ids(self) -> list[int]:
-        return sorted({self.id_of(role) for role in SPECIALS})
+        return sorted({self.id_of(role) for role in self.specials})
 
     def token(self, i: int) -> str:
         token = self.backend.id_to_token(i)
@@ -239,16 +259,48 @@ class SubwordTokenizer:
     # -- files --------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "subword", "kind": self.kind, "backend": json.loads(self.backend.to_str())}
+        backend = json.loads(self.backend.to_str())
+        return {
+            "type": "subword",
+            "kind": self.kind,
+            "specials": dict(self.specials),
+            "backend": backend,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SubwordTokenizer:
         backend = tokenizers.Tokenizer.from_str(json.dumps(data["backend"]))
-        tok = cls(backend, data["kind"])
-        missing = [s for s in SPECIALS.values() if backend.token_to_id(s) is None]
+        specials = data.get("specials", SPECIALS)
+        tok = cls(backend, data["kind"], dict(specials))
+        missing = [s for s in specials.values() if backend.token_to_id(s) is None]
         if missing:
             raise ValueError(f"subword tokenizer file lacks special tokens {missing}")
         return tok
+
+    @classmethod
+    def from_hf(
+        cls, data: dict[str, Any], roles: Mapping[str, str] | None = None
+    ) -> SubwordTokenizer:
+        """A Hugging Face ``tokenizer.json`` (its parsed JSON): WordPiece (BERT), byte-level
+        BPE (GPT-2) or SentencePiece-style BPE (Llama). ``roles`` maps our roles to its special
+        tokens (from ``special_tokens_map.json``); without it, the usual names are recognised
+        (``[CLS]``, ``<s>``, ``<|endoftext|>``, ...). Its encode and decode are the file's own."""
+        model = data.get("model")
+        model_type = model.get("type") if isinstance(model, dict) else model
+        if model_type == "WordPiece":
+            kind: Literal["wordpiece", "bpe"] = "wordpiece"
+        elif model_type == "BPE":
+            kind = "bpe"
+        else:
+            raise ValueError(f"tokenizer model {model_type!r} is not supported (WordPiece or BPE)")
+        backend = tokenizers.Tokenizer.from_str(json.dumps(data))
+        if roles is None:
+            specials = [t["content"] for t in data.get("added_tokens", []) if t.get("special")]
+            roles = {role: t for t in specials for role in _ROLES_BY_NAME.get(t, ())}
+        absent = {r: t for r, t in roles.items() if backend.token_to_id(t) is None}
+        if absent:
+            raise ValueError(f"special tokens {absent} are not in the tokenizer's vocabulary")
+        return cls(backend, kind, {r: t for r, t in roles.items() if r in SPECIALS})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON, atomically; :func:`load_tokenizer` reads it back."""

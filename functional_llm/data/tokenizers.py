@@ -1,5 +1,6 @@
 """Character- and byte-level tokenizers: exact, reversible, saved as JSON (subword ones live in
-:mod:`functional_llm.data.subword`; :func:`load_tokenizer` reads all three kinds).
+:mod:`functional_llm.data.subword`; :func:`load_tokenizer` reads all three kinds, and Hugging
+Face ``tokenizer.json`` files).
 
 * :class:`CharTokenizer` gives each character of a training text one id (nanoGPT's
   ``shakespeare_char``: 65 ids for tiny Shakespeare); an unseen character is an error that
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,9 +109,35 @@ class ByteTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | ByteTokenizer | SubwordTokenizer:
-    """Read a tokenizer written by ``save`` (JSON only; nothing is executed). A file that is
-    truncated, of an unknown type or inconsistent is a ``DataError`` naming it."""
-    return tokenizer_from_json(read_json(path), str(path))
+    """Read a tokenizer written by ``save``, or a Hugging Face ``tokenizer.json`` (or the model
+    folder that holds one, whose ``special_tokens_map.json`` or ``tokenizer_config.json`` then
+    names the special tokens):
+    JSON only, nothing is executed. A file that is truncated, of an unknown type or
+    inconsistent is a ``DataError`` naming it."""
+    path = Path(path)
+    roles = None
+    if path.is_dir():
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if roles is None and (path / name).exists():
+                roles = _roles(read_json(path / name))
+        path = path / "tokenizer.json"
+    data = read_json(path)
+    if isinstance(data, dict) and "model" in data and "added_tokens" in data:
+        try:
+            return SubwordTokenizer.from_hf(data, roles)
+        except Exception as err:
+            raise DataError(f"{path}: not a tokenizer we can read ({err})") from None
+    return tokenizer_from_json(data, str(path))
+
+
+def _roles(special_tokens_map: Any) -> dict[str, str]:
+    """``{"bos_token": "<s>" | {"content": "<s>", ...}, ...}`` to ``{"bos": "<s>", ...}``."""
+    roles = {}
+    for name, token in (special_tokens_map or {}).items():
+        token = token.get("content") if isinstance(token, dict) else token
+        if name.endswith("_token") and isinstance(token, str):
+            roles[name.removesuffix("_token")] = token
+    return roles
 
 
 def tokenizer_from_json(
