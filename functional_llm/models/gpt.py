@@ -283,7 +283,7 @@ class GPT(Layer):
         """One vector per sequence: the hidden state of the last real token."""
         if valid is None:
             return h[..., -1, :]
-        last = (valid.long().cumsum(-1).argmax(-1, keepdim=True))[..., None]  # last True index
-        return torch.take_along_dim(h, last.expand(*last.shape[:-1], h.shape[-1]), dim=-2).squeeze(
-            -2
-        )
+        # gather, not take_along_dim: it keeps batch and length dynamic under torch.export
+        last = valid.long().cumsum(-1).argmax(-1, keepdim=True)  # (..., 1): the last True
+        index = last[..., None].expand(*last.shape, h.shape[-1])
+        return h.gather(-2, index).squeeze(-2)
