@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import torch
 
 from functional_llm import checkpoint, data, runs, train, tree
+from functional_llm.interop.hf.mapping import MappingError
 from functional_llm.nn import eval_shape
 from functional_llm.types import Metrics
 
@@ -25,7 +26,9 @@ class Diverged(RuntimeError):
     """The loss or the gradient norm became non-finite."""
 
 
-USER_ERRORS = (data.DataError, checkpoint.CheckpointError, runs.RunDirError, Diverged, OSError)
+USER_ERRORS = (
+    data.DataError, checkpoint.CheckpointError, runs.RunDirError, Diverged, OSError, MappingError
+)  # fmt: skip
 
 
 def main_guard(main: Callable[[], Any]) -> NoReturn:

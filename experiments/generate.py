@@ -6,9 +6,11 @@
     python -m experiments.generate out/pretrain_gpt --prompt-file start.py --num-beams 4 \\
         --num-return 2 --stop "\\n\\n"
     python -m experiments.generate CHECKPOINT.safetensors --prompt "a" --prompt "b" --compile
+    python -m experiments.generate path/to/gpt2 --prompt "Hello, my dog"   # a Hugging Face folder
 
-The checkpoint is a ``pretrain_gpt`` output folder (its newest intact checkpoint) or one
-checkpoint file; the model's config and tokenizer come from the checkpoint itself. Several
+The checkpoint is a ``pretrain_gpt`` output folder (its newest intact checkpoint), one
+checkpoint file, or a local Hugging Face GPT-2 or Llama folder (``config.json``,
+``model.safetensors``, ``tokenizer.json``); the model's config and tokenizer come from it. Several
 ``--prompt`` flags decode as one left-padded batch. ``--temperature 0`` (the default) is greedy;
 otherwise each prompt samples with its own key (``--seed``), so its text does not depend on
 the batch. Prints each continuation and the decoding speed in tokens per second.
@@ -27,6 +29,7 @@ import functional_llm as fl
 from experiments import cli
 from functional_llm import checkpoint, data, random
 from functional_llm import generate as G
+from functional_llm.interop import hf
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load(where: Path) -> tuple[Any, Any, Any]:
     """``(model, params, tokenizer)`` from a checkpoint file or a run folder's newest intact
-    checkpoint; the config and tokenizer are the ones the checkpoint recorded."""
+    checkpoint (the config and tokenizer are the ones the checkpoint recorded), or from a
+    Hugging Face model folder."""
+    if (where / "config.json").exists():
+        return load_hf(where)
     if where.is_dir():
         restored = checkpoint.Checkpointer(where / "checkpoints").restore()
         if restored is None:
@@ -89,6 +95,17 @@ def load(where: Path) -> tuple[Any, Any, Any]:
         folder = where if where.is_dir() else where.parent.parent  # run/checkpoints/step_*
         tok = data.load_tokenizer(folder / "tokenizer.json")
     return model, params, tok
+
+
+def load_hf(folder: Path) -> tuple[Any, Any, Any]:
+    """``(model, params, tokenizer)`` of a Hugging Face GPT-2 or Llama folder."""
+    model, params = hf.load(folder)
+    if not isinstance(model, fl.models.GPT):
+        raise hf.MappingError(f"{folder}: a {type(model).__name__}; generation here is for "
+                              "decoder-only models (GPT-2, Llama)")  # fmt: skip
+    if not (folder / "tokenizer.json").exists():
+        raise data.DataError(f"{folder}: no tokenizer.json beside the model")
+    return model, params, data.load_tokenizer(folder)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
