@@ -34,6 +34,11 @@ def _llama(**kw: Any) -> Any:
     return tr.LlamaForCausalLM(tr.LlamaConfig(**{**cfg, "rope_theta": 500.0, **kw}))
 
 
+# Llama 3.1's scaling with a short original context, so that its blended and divided bands occur
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+LLAMA3 |= {"original_max_position_embeddings": 16, "rope_theta": 500.0}
+
+
 def _bert(**kw: Any) -> Any:
     cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     cfg |= dict(intermediate_size=48, max_position_embeddings=64, **kw)
@@ -90,6 +95,16 @@ CASES = {
     "gpt2-untied": (lambda: _gpt2(tie_word_embeddings=False), _decoder_logits, _hf_decoder_logits),
     "llama-gqa": (_llama, _decoder_logits, _hf_decoder_logits),
     "llama-tied": (lambda: _llama(tie_word_embeddings=True), _decoder_logits, _hf_decoder_logits),
+    "llama-rope-linear": (
+        lambda: _llama(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0}),
+        _decoder_logits,
+        _hf_decoder_logits,
+    ),
+    "llama-rope-llama3": (
+        lambda: _llama(rope_parameters=LLAMA3),
+        _decoder_logits,
+        _hf_decoder_logits,
+    ),
     "bert": (_bert, _bert_logits, _hf_bert_logits),
     "marian": (_marian, _marian_logits, _hf_marian_logits),
     "marian-unscaled-gelu": (
@@ -236,9 +251,9 @@ def test_bad_folders_are_refused_by_name(
 
 def test_unsupported_llama_fields_are_refused(tmp_path: Path) -> None:
     _llama().save_pretrained(tmp_path)
-    scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    scaling = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 500.0}
     _edit(tmp_path, rope_parameters=scaling)
-    with pytest.raises(hf.MappingError, match="rope_type='linear'"):
+    with pytest.raises(hf.MappingError, match="rope_type='yarn'"):
         hf.load(tmp_path)
     _edit(tmp_path, rope_parameters=None, head_dim=16)
     with pytest.raises(hf.MappingError, match="head_dim=16"):
@@ -284,3 +299,13 @@ def test_marian_positions_must_stay_fixed(tmp_path: Path) -> None:
     params["tgt_pos"]["table"] = params["tgt_pos"]["table"] + 0.1
     with pytest.raises(hf.MappingError, match=r"tgt_pos.table is not Marian's fixed"):
         hf.save(model, params, tmp_path / "out")
+
+
+def test_rope_scaling_round_trips_through_checkpoint_configs() -> None:
+    scaling = fl.nn.RopeScaling(kind="llama3", factor=8.0, original_max_len=16)
+    cfg = fl.models.GPTConfig.llama(vocab_size=50, d_model=16, n_heads=2, rope_scaling=scaling)
+    data = fl.checkpoint.config_to_dict(cfg)
+    assert json.loads(json.dumps(data))["rope_scaling"]["kind"] == "llama3"
+    assert fl.checkpoint.config_from_dict(fl.models.GPTConfig, data) == cfg
+    with pytest.raises(ValueError, match=r"RopeScaling.kind must be 'linear' or 'llama3'"):
+        fl.nn.RopeScaling(kind="yarn", factor=2.0)

@@ -12,6 +12,7 @@ grouped-query attention, untied output.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast, get_args
 
@@ -24,7 +25,7 @@ from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.models.stages import Stage, cut
 from functional_llm.nn import Block, Embedding, Linear, Stack, dropout, key_padding_mask
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
-from functional_llm.nn.positions import positions_like, sinusoidal
+from functional_llm.nn.positions import RopeScaling, positions_like, sinusoidal
 from functional_llm.types import ACTIVATION_NAMES, Activation, NormKind
 
 __all__ = ["GPT", "GPTConfig"]
@@ -51,11 +52,14 @@ class GPTConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     init_std: float = 0.02
     dtype: torch.dtype = torch.float32
     remat: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, Mapping):  # as config_to_dict wrote it
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         check_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads")
         check_divides(self, "n_heads", "d_model")
         if self.n_kv_heads is not None:
@@ -141,6 +145,7 @@ class GPT(Layer):
             norm_eps=c.norm_eps,
             bias=c.bias,
             rope_theta=c.rope_theta if c.positions == "rope" else None,
+            rope_scaling=c.rope_scaling if c.positions == "rope" else None,
             w_init=Normal(std),
             out_init=Normal(std / math.sqrt(2 * c.n_layers)),
             dtype=c.dtype,

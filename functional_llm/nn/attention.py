@@ -25,7 +25,7 @@ from functional_llm.init import Initializer
 from functional_llm.nn.dropout import dropout
 from functional_llm.nn.linear import Linear
 from functional_llm.nn.module import Layer, Params, axes_of, init_all
-from functional_llm.nn.positions import positions_like, rope
+from functional_llm.nn.positions import RopeScaling, positions_like, rope
 
 __all__ = ["MultiHeadAttention", "causal_mask", "key_padding_mask"]
 
@@ -57,6 +57,7 @@ class MultiHeadAttention(Layer):
     bias: bool = True
     dropout: float = 0.0
     rope_theta: float | None = None
+    rope_scaling: RopeScaling | None = None
     w_init: Initializer | None = None
     out_init: Initializer | None = None
     dtype: torch.dtype = torch.float32
@@ -199,7 +200,8 @@ class MultiHeadAttention(Layer):
         v = self._proj("v").apply(params["v"], memory)
         if self.rope_theta is not None and context is None:
             pos = positions_like(x[..., 0]) if positions is None else positions
-            q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+            theta, scaling = self.rope_theta, self.rope_scaling
+            q, k = rope(q, pos, theta, scaling), rope(k, pos, theta, scaling)
         q, k, v = (t.transpose(-3, -2) for t in (q, k, v))  # heads before time
         return q, k, v
 

@@ -25,6 +25,7 @@ from functional_llm.nn.dropout import dropout
 from functional_llm.nn.mlp import MLP
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
+from functional_llm.nn.positions import RopeScaling
 from functional_llm.types import Activation, NormKind
 
 __all__ = ["Block", "DecoderBlock"]
@@ -48,6 +49,7 @@ class Block(Layer):
     norm_eps: float = 1e-5
     bias: bool = True
     rope_theta: float | None = None
+    rope_scaling: RopeScaling | None = None
     w_init: Initializer | None = None
     out_init: Initializer | None = None
     dtype: torch.dtype = torch.float32
@@ -65,6 +67,7 @@ class Block(Layer):
             bias=self.bias,
             dropout=self.dropout,
             rope_theta=None if cross else self.rope_theta,
+            rope_scaling=None if cross else self.rope_scaling,
             w_init=self.w_init,
             out_init=self.out_init,
             dtype=self.dtype,

@@ -33,6 +33,7 @@ from typing import Any
 from functional_llm.interop.hf.family import Family, field_value, require, same_tensor
 from functional_llm.interop.hf.mapping import MappingError, Rule, rule
 from functional_llm.models import GPT, GPTConfig
+from functional_llm.nn.positions import RopeScaling
 
 __all__ = ["GPT2", "LLAMA"]
 
@@ -119,13 +120,11 @@ def _llama_config(hf: dict[str, Any]) -> GPTConfig:
     require(hf, "hidden_act", ("silu",), "silu")
     require(hf, "attention_bias", (False,), False)
     require(hf, "mlp_bias", (False,), False)
-    rope = field_value(hf, "rope_parameters", {}) or {}
-    scaling = field_value(hf, "rope_scaling", {}) or {}
-    kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
-    if kind != "default":
-        raise MappingError(
-            f"config.json: rope_type={kind!r} (RoPE scaling) is not supported; only 'default'"
-        )
+    rope = {
+        **(field_value(hf, "rope_scaling", {}) or {}),
+        **(field_value(hf, "rope_parameters", {}) or {}),
+    }
+    scaling = _rope_scaling(rope, hf)
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     if field_value(hf, "head_dim", d // heads) != d // heads:
         raise MappingError(
@@ -142,9 +141,30 @@ def _llama_config(hf: dict[str, Any]) -> GPTConfig:
         d_ff=hf["intermediate_size"],
         norm_eps=field_value(hf, "rms_norm_eps", 1e-6),
         rope_theta=float(field_value(hf, "rope_theta", rope.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
         tie_embeddings=field_value(hf, "tie_word_embeddings", False),
         dropout=field_value(hf, "attention_dropout", 0.0),
         init_std=field_value(hf, "initializer_range", 0.02),
+    )
+
+
+def _rope_scaling(rope: dict[str, Any], hf: dict[str, Any]) -> RopeScaling | None:
+    """``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x) as our RopeScaling."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3"):
+        raise MappingError(
+            f"config.json: rope_type={kind!r} is not supported ('default', 'linear', 'llama3')"
+        )
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=float(rope["factor"]))
+    return RopeScaling(
+        kind="llama3",
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_len=int(rope["original_max_position_embeddings"]),
     )
 
 
@@ -160,7 +180,7 @@ def _llama_to_hf(c: GPTConfig) -> dict[str, Any]:
         "intermediate_size": c.ffn_dim,
         "hidden_act": "silu",
         "rms_norm_eps": c.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_parameters": {"rope_theta": c.rope_theta, **_rope_fields(c.rope_scaling)},
         "rope_theta": c.rope_theta,
         "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": False,
@@ -168,6 +188,19 @@ def _llama_to_hf(c: GPTConfig) -> dict[str, Any]:
         "attention_dropout": c.dropout,
         "initializer_range": c.init_std,
     }
+
+
+def _rope_fields(scaling: RopeScaling | None) -> dict[str, Any]:
+    if scaling is None:
+        return {"rope_type": "default"}
+    fields: dict[str, Any] = {"rope_type": scaling.kind, "factor": scaling.factor}
+    if scaling.kind == "llama3":
+        fields |= {
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_len,
+        }
+    return fields
 
 
 def _llama_rules(c: GPTConfig) -> list[Rule]:
