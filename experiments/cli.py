@@ -82,6 +82,69 @@ def mesh_spec(text: str) -> str:
     return text
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_spec(text: str) -> str:
+    """``--device``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and present on this machine."""
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        msg = f"{text!r} is not a device (cpu, cuda, cuda:N, mps)"
+        raise argparse.ArgumentTypeError(msg) from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: expected cpu, cuda, cuda:N or mps")
+    return text
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--device`` (default: cuda when there is one, else cpu) and ``--dtype`` (the params')."""
+    a = p.add_argument
+    a("--device", type=device_spec, default=None,
+      help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")  # fmt: skip
+    a("--dtype", choices=tuple(DTYPES), default="float32", help="the params' dtype")
+
+
+def device(args: argparse.Namespace) -> torch.device:
+    """The run's device: ``--device``, else cuda when present, else cpu."""
+    if args.device is not None:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dtype(args: argparse.Namespace) -> torch.dtype:
+    return DTYPES[args.dtype]
+
+
+def to_device(tree_: Any, where: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Every tensor of ``tree_`` on ``where``, floating ones in ``dtype`` if given (no copy
+    when a tensor is already so)."""
+
+    def move(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        cast = dtype is not None and x.is_floating_point()
+        return x.to(where, dtype=dtype) if cast else x.to(where)
+
+    return tree.map(move, tree_)
+
+
+def on_device(fn: Callable[..., Any], where: torch.device) -> Callable[..., Any]:
+    """``fn(state, batch)`` with the batch moved to ``where`` first (the data pipelines make
+    batches on the CPU; a step or evaluation runs where the state is)."""
+    if where.type == "cpu":
+        return fn
+    return lambda state, batch, *rest: fn(state, to_device(batch, where), *rest)
+
+
 def add_run_args(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
     """``--overwrite`` (and ``--resume``): what to do with an output folder that holds a run."""
     a = p.add_argument

@@ -4,7 +4,8 @@
     python -m experiments.export path/to/hf-folder --out out/export --batch 8 --length 64
 
 The model is a ``pretrain_gpt`` run folder or checkpoint file, or a local Hugging Face folder
-(GPT-2, Llama, BERT or Marian). Writes, into ``--out``:
+(GPT-2, Llama, BERT or Marian), exported on ``--device`` in ``--dtype`` (onnxruntime runs on
+the CPU). Writes, into ``--out``:
 
 * ``program.pt2``: the ``torch.export`` program of the model's logits, dynamic batch and length
   (``torch.export.load`` reads it back);
@@ -20,6 +21,7 @@ one's largest difference from eager and its speed relative to eager (median of `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import statistics
 import time
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 
 package = torch._inductor.aoti_load_package(str(Path(__file__).with_name("package.pt2")))
-tokens = torch.randint(0, {vocab}, (2, 16))
+tokens = torch.randint(0, {vocab}, (2, 16), device="{device}")
 print(package(tokens, torch.ones_like(tokens, dtype=torch.bool)).shape)
 '''
 
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--skip", action="append", default=[], choices=("compile", "aoti", "onnx"),
       help="leave out a slow format (repeatable)")  # fmt: skip
     a("--overwrite", action="store_true", help="replace the files of an earlier export")
+    cli.add_device_args(p)
     return p.parse_args(argv)
 
 
@@ -80,19 +83,21 @@ def _median_ms(run: Callable[[], Any], repeats: int) -> float:
 
 
 def _flat(x: Any) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(t).flatten() for t in fl.tree.leaves(x)])
+    return torch.cat([torch.as_tensor(t).float().cpu().flatten() for t in fl.tree.leaves(x)])
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
     model, params = _model(Path(args.model))
+    model = type(model)(dataclasses.replace(model.config, dtype=cli.dtype(args)))
+    params = cli.to_device(params, cli.device(args), cli.dtype(args))
     out = Path(args.out)
     names = ("program.pt2", "package.pt2", "model.onnx", "run_package.py")
     if not args.overwrite and any((out / n).exists() for n in names):
         raise FileExistsError(f"{out} holds an earlier export; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     limit = getattr(model, "backbone", model).config.max_seq_len
-    fn, _, inputs = ex._signature(model, args.batch, min(args.length, limit))
+    fn, _, inputs = ex._signature(model, args.batch, min(args.length, limit), cli.device(args))
     program = ex.export_model(model, params)
     torch.export.save(program, out / "program.pt2")
     exported = program.module()
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         package = torch._inductor.aoti_load_package(str(out / "package.pt2"))
         runners["aotinductor"] = lambda: package(*inputs)
         vocab = getattr(model, "backbone", model).config
-        (out / "run_package.py").write_text(RUNNER.format(vocab=getattr(vocab, "vocab_size", 2)))
+        runner = RUNNER.format(vocab=getattr(vocab, "vocab_size", 2), device=cli.device(args))
+        (out / "run_package.py").write_text(runner)
     if "onnx" not in args.skip:
         if importlib.util.find_spec("onnxruntime") is None:
             raise OSError("ONNX needs onnxruntime: pip install 'functional_llm[export]' "
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
         ex.to_onnx(program, out / "model.onnx")
         session = onnxruntime.InferenceSession(str(out / "model.onnx"))
-        feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
+        arrays = [x.cpu().numpy() for x in inputs]  # onnxruntime's CPU provider
+        feeds = {i.name: x for i, x in zip(session.get_inputs(), arrays, strict=True)}
         runners["onnxruntime"] = lambda: session.run(None, feeds)
     for name in names:
         if (out / name).exists():

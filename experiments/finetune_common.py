@@ -33,6 +33,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     a("--n-heads", type=count, default=4)
     a("--d-ff", type=count, default=512)
     a("--dropout", type=cli.rate, default=0.1)
+    cli.add_device_args(p)
 
 
 def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace, family: str) -> None:
@@ -58,6 +59,7 @@ def model_fields(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
     return dict(
         vocab_size=vocab_size, max_seq_len=args.max_length, d_model=args.d_model,
         n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, dropout=args.dropout,
+        dtype=cli.dtype(args),
     )  # fmt: skip
 
 
@@ -122,12 +124,15 @@ def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tu
         tok = data.load_tokenizer(where / "tokenizer.json")
         meta = checkpoint.metadata(where / "bert.safetensors")
         cfg = checkpoint.config_from_dict(fl.models.BERTConfig, meta["config"])
-        model = fl.models.BERT(dataclasses.replace(cfg, dropout=args.dropout))
+        saved = fl.models.BERT(cfg)
+        model = fl.models.BERT(
+            dataclasses.replace(cfg, dropout=args.dropout, dtype=cli.dtype(args))
+        )
         if args.max_length > cfg.max_seq_len:
             print(f"--max-length {args.max_length} cut to the backbone's {cfg.max_seq_len}")
             args.max_length = cfg.max_seq_len
-        params = checkpoint.load(where / "bert.safetensors", like=model.init(random.key(0)))
-        return tok, model, params
+        params = checkpoint.load(where / "bert.safetensors", like=saved.init(random.key(0)))
+        return tok, model, cli.to_device(params, torch.device("cpu"), cli.dtype(args))
     tok = data.SubwordTokenizer.train(texts(), args.vocab_size)
     if args.backbone == "gpt":
         return tok, fl.models.GPT(fl.models.GPTConfig(**model_fields(args, tok.vocab_size))), None
@@ -194,6 +199,8 @@ def fit(
 ) -> tuple[Any, dict[str, float]]:
     """Train for ``args.epochs`` and evaluate after each; returns the final params and metrics.
     With ``--lora-rank`` only adapters and the head train; the backbone stays as loaded."""
+    where = cli.device(args)
+    params = cli.to_device(params, where)
     k_lora, k_train, k_data = random.split(random.key(args.seed + 1), 3)
     if args.lora_rank:
         lora = LoRA(rank=args.lora_rank, alpha=args.lora_alpha, targets=("backbone.*attn.[qkvo].w",
@@ -218,7 +225,8 @@ def fit(
         lambda t, b, k: loss_fn(effective(t), b, k), opt, clip_norm=1.0,
         skip_nonfinite=args.skip_nonfinite,
     )  # fmt: skip
-    state = train.init_state(trainable, opt, k_train)
+    step = cli.on_device(step, where)
+    state = cli.to_device(train.init_state(trainable, opt, k_train), where)
     n_trained, _ = finetune.count_trainable(trainable, tuple(args.freeze))
     print(f"{len(examples):,} training examples, {total} steps; {n_trained:,} of "
           f"{fl.tree.size(effective(trainable)):,} parameters trained")  # fmt: skip
@@ -276,11 +284,12 @@ def predict(
     """The model's outputs (eval mode: no dropout) per example as numpy; ``per_token`` outputs
     lose their padding. A tuple output (QA's start and end scores) gives a tuple per example."""
     outputs, evaluated = [], fl.nn.inference(model)
+    where = fl.tree.leaves(params)[0].device
     for at in range(0, len(examples), batch_size):
-        batch = pad(list(examples[at : at + batch_size]))
+        batch = cli.to_device(pad(list(examples[at : at + batch_size])), where)
         extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
         out = evaluated.apply(params, batch["tokens"], valid=batch["valid"], **extra)
-        parts = tuple(out) if isinstance(out, tuple) else (out,)
+        parts = tuple(p.float().cpu() for p in (out if isinstance(out, tuple) else (out,)))
         for row, n in enumerate(batch["valid"].sum(-1).tolist()):
             per = tuple(np.asarray(p[row, :n] if per_token else p[row]) for p in parts)
             outputs.append(per if isinstance(out, tuple) else per[0])

@@ -19,6 +19,7 @@ the batch. Prints each continuation and the decoding speed in tokens per second.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--seed", type=cli.nonnegative_int, default=0)
     a("--compile", action="store_true", help="torch.compile the decode step (once)")
     a("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    cli.add_device_args(p)
     args = p.parse_args(argv)
     for name in ("top_p", "min_p"):
         value = getattr(args, name)
@@ -111,6 +113,9 @@ def load_hf(folder: Path) -> tuple[Any, Any, Any]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     model, params, tok = load(Path(args.checkpoint))
+    where = cli.device(args)
+    model = fl.models.GPT(dataclasses.replace(model.config, dtype=cli.dtype(args)))
+    params = cli.to_device(params, where, cli.dtype(args))
     texts = list(args.prompt) + ([data.read_text(args.prompt_file)] if args.prompt_file else [])
     if not texts:
         raise data.DataError("give a --prompt or a --prompt-file")
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ids = [list(tok.encode(t)) for t in texts]
     except ValueError as err:  # a character the tokenizer has never seen
         raise data.DataError(f"the prompt cannot be encoded: {err}") from None
-    tokens, valid = G.left_pad(ids)
+    tokens, valid = cli.to_device(G.left_pad(ids), where)
     room = model.config.max_seq_len - tokens.shape[1]
     if room < 1:
         raise data.DataError(f"the prompt has {tokens.shape[1]} tokens; the model reads "
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 for t, v, sc in zip(out.tokens, out.valid, out.scores, strict=True)]  # fmt: skip
         produced = int(out.valid[:, 0].sum())
     else:
-        key = random.split(random.key(args.seed), len(texts)) if args.temperature else None
+        key = random.split(random.key(args.seed, where), len(texts)) if args.temperature else None
         streamed: list[int] = []
 
         def show(column: torch.Tensor) -> None:  # --stream: print what the new token adds

@@ -215,11 +215,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg, model, opt, state = build(args, tok)
     if restored is not None:
         state = restored.state["state"]
+    where = cli.device(args)
+    state = cli.to_device(state, where)
     loss_fn = losses.bert_pretraining(model, args.nsp_weight)
     step = train.make_step(loss_fn, opt, clip_norm=1.0, skip_nonfinite=args.skip_nonfinite)
-    eval_mlm, eval_nsp = train.make_eval_step(losses.mlm(model)), train.make_eval_step(
-        losses.nsp(model)
-    )  # fmt: skip
+    step = cli.on_device(step, where)
+    eval_mlm = cli.on_device(train.make_eval_step(losses.mlm(model)), where)
+    eval_nsp = cli.on_device(train.make_eval_step(losses.nsp(model)), where)
 
     _, _, k_pairs, k_order, k_mask, k_eval = random.split(random.key(args.seed), 6)
     pad = functools.partial(data.pad_batch, pad_values={"tokens": tok.id_of("pad")})

@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--remat", action="store_true", help="recompute block activations in the backward pass")
     a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
     a("--threads", type=count, default=None, help="torch intra-op threads")
+    cli.add_device_args(p)
     a("--mesh", type=cli.mesh_spec, default=None,
       help="under torchrun: mesh axes, e.g. dp=2, dp=2,tp=2, pp=2")  # fmt: skip
     a("--timeout", type=cli.positive_float, default=300.0,
@@ -133,6 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         model_config(args, vocab_size=2)
     except ValueError as err:
         p.error(f"the model flags do not make a valid model: {err}")
+    if args.mesh and args.device:
+        p.error("--device: under --mesh the mesh places every tensor (one device per rank)")
     if args.mesh and "RANK" not in os.environ:
         p.error(f"--mesh {args.mesh} runs under torchrun: torchrun --nproc-per-node N "
                 "-m experiments.pretrain_gpt --mesh ...")  # fmt: skip
@@ -198,7 +201,7 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> fl.models.GPTConf
     fields = dict(
         vocab_size=vocab_size, max_seq_len=args.block_size, d_model=args.n_embd,
         n_layers=args.n_layer, n_heads=args.n_head, dropout=args.dropout, bias=args.bias,
-        remat=args.remat,
+        remat=args.remat, dtype=cli.dtype(args),
     )  # fmt: skip
     if args.flavour == "llama":
         return fl.models.GPTConfig.llama(**fields)
@@ -275,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.compile:
         step = train.compile(step, fullgraph=plan is None)
         eval_step = train.compile(eval_step, fullgraph=plan is None)
+    where = torch.device("cpu") if args.mesh else cli.device(args)  # a mesh places its shards
+    state = cli.to_device(state, where)
+    step, eval_step = cli.on_device(step, where), cli.on_device(eval_step, where)
 
     _, k_train, k_data, k_eval, k_sample = random.split(random.key(args.seed), 5)
     pipe = pipelined(args, model, opt)
@@ -367,10 +373,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cli.plot_losses(log.records, out / "loss.png")
     if guard.skip:
         say(f"{int(guard.skipped)} steps skipped for a non-finite loss or gradient")
-    prompt = val_ids[: args.block_size // 2][None]
+    prompt = val_ids[: args.block_size // 2][None].to(where)
     generated = fl.generate.generate(  # with the cache, rolling past the context window
-        model, params, prompt, max_new_tokens=args.sample_chars, key=k_sample, temperature=0.8,
-        top_k=20, max_len=args.block_size, rolling=True,
+        model, params, prompt, max_new_tokens=args.sample_chars, key=k_sample.to(where),
+        temperature=0.8, top_k=20, max_len=args.block_size, rolling=True,
     ).tokens  # fmt: skip
     sample_text = tok.decode(generated[0])
     (out / "samples.txt").write_text(sample_text, encoding="utf-8")

@@ -51,6 +51,7 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, max_source: int, max_targ
     a("--ckpt-interval", type=count, default=1000)
     a("--seed", type=cli.nonnegative_int, default=0)
     a("--threads", type=count, default=None)
+    cli.add_device_args(p)
     a("--out-dir", default=out_dir)
     cli.add_run_args(p)
     a("--no-plot", action="store_true")
@@ -61,7 +62,7 @@ def config(args: argparse.Namespace, vocab: int) -> fl.models.TransformerConfig:
         src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=args.d_model, nhead=args.heads,
         num_encoder_layers=args.layers, num_decoder_layers=args.layers,
         dim_feedforward=args.d_ff, dropout=args.dropout, norm_first=True,
-        max_seq_len=max(args.max_source, args.max_target), tie_output=False,
+        max_seq_len=max(args.max_source, args.max_target), tie_output=False, dtype=cli.dtype(args),
     )  # fmt: skip
 
 
@@ -100,8 +101,11 @@ def generate(model: Any, params: Any, tok: Any, sources: Sequence[str], args: ar
     for at in range(0, len(sources), 64):
         chunk = [(tok.encode(s)[: args.max_source] if s.strip() else [eos], [eos])
                  for s in sources[at : at + 64]]  # fmt: skip
-        batch = data.seq2seq_batch(chunk, pad_id=tok.id_of("pad"), bos_id=eos, eos_id=eos)
-        start = torch.full((len(chunk), 1), eos)
+        where = fl.tree.leaves(params)[0].device
+        batch = cli.to_device(
+            data.seq2seq_batch(chunk, pad_id=tok.id_of("pad"), bos_id=eos, eos_id=eos), where
+        )
+        start = torch.full((len(chunk), 1), eos, device=where)
         if beams == 1:
             result = G.generate(model, params, start, src=batch["src"],
                                 src_valid=batch["src_valid"], max_new_tokens=args.max_target - 1,
@@ -148,10 +152,13 @@ def run(
     cfg, model, opt, state = build(args, tok)
     if restored is not None:
         state = restored.state["state"]
+    where = cli.device(args)
+    state = cli.to_device(state, where)
     examples = encode(tok, train_pairs, args)
     pad, eos = tok.id_of("pad"), tok.id_of("eos")
     loss_fn = losses.seq2seq(model, label_smoothing=args.label_smoothing)
     step = train.make_step(loss_fn, opt, clip_norm=1.0, skip_nonfinite=args.skip_nonfinite)
+    step = cli.on_device(step, where)
     print(f"{len(train_pairs):,} training and {len(dev_pairs):,} held-out pairs; vocab "
           f"{tok.vocab_size}; {fl.tree.size(state.params):,} parameters; steps "
           f"{int(state.step)}..{args.max_steps}")  # fmt: skip
@@ -165,7 +172,7 @@ def run(
     }
     dev_batch = data.seq2seq_batch(encode(tok, held[:256], args), pad_id=pad, bos_id=eos,
                                    eos_id=eos)  # fmt: skip
-    eval_step = train.make_eval_step(loss_fn)
+    eval_step = cli.on_device(train.make_eval_step(loss_fn), where)
 
     def save(at: int, records: int | None = None) -> Path:
         guard.check()
@@ -244,5 +251,5 @@ def use_trained(args: argparse.Namespace, sources: Sequence[str]) -> list[str]:
     tok = data.tokenizer_from_json(restored.metadata["tokenizer"], "the checkpoint's tokenizer")
     cfg = checkpoint.config_from_dict(fl.models.TransformerConfig, restored.metadata["config"])
     model = fl.nn.inference(fl.models.Transformer(cfg))
-    params = cli.trained_params(model, restored.state)
+    params = cli.to_device(cli.trained_params(model, restored.state), cli.device(args))
     return generate(model, params, tok, sources, args, args.num_beams)

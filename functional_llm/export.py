@@ -106,13 +106,17 @@ def export(
     return torch.export.export(program, args, dynamic_shapes={"args": tuple(shapes)})
 
 
-def _signature(model: Any, batch: int, length: int) -> tuple[Callable[..., Any], list[str], tuple]:
+def _signature(
+    model: Any, batch: int, length: int, device: torch.device | str = "cpu"
+) -> tuple[Callable[..., Any], list[str], tuple]:
     """``model.apply`` as ``fn(params, *tensors)``, the tensors' names, and examples of them
-    (random ids, ``valid`` all True)."""
+    on ``device`` (random ids, ``valid`` all True)."""
     c = getattr(model, "backbone", model).config
     g = torch.Generator().manual_seed(0)
-    ids = lambda vocab: torch.randint(0, vocab, (batch, length), generator=g)  # noqa: E731
-    ones = torch.ones(batch, length, dtype=torch.bool)  # (one tensor per input: aliased
+    ids = lambda vocab: torch.randint(0, vocab, (batch, length), generator=g).to(device)  # noqa: E731
+    ones = torch.ones(
+        batch, length, dtype=torch.bool, device=device
+    )  # (one tensor per input: aliased
     if hasattr(model, "core"):  # the encoder-decoder   # inputs would share their sizes)
         fn = lambda p, src, tgt, sv, tv: model.apply(p, src, tgt, src_valid=sv, tgt_valid=tv)  # noqa: E731
         example = (ids(c.src_vocab_size), ids(c.tgt_vocab_size), ones, ones.clone())
@@ -132,11 +136,13 @@ def export_model(
     example_batch: int = 2,
     example_length: int = 8,
 ) -> ExportedProgram:
-    """``model.apply`` exported with dynamic batch and lengths: the inputs are ``(tokens,
+    """``model.apply`` exported with dynamic batch and lengths, on the params' device: the
+    inputs are ``(tokens,
     valid)`` for GPT and the task heads, ``(tokens, token_types, valid)`` for BERT and ``(src,
     tgt, src_valid, tgt_valid)`` for the encoder-decoder (source and target lengths apart)."""
     limit = getattr(model, "backbone", model).config.max_seq_len
-    fn, names, example = _signature(model, example_batch, min(example_length, limit))
+    where = tree.leaves(params)[0].device
+    fn, names, example = _signature(model, example_batch, min(example_length, limit), where)
     dynamic = [{0: "batch", 1: "tgt_length" if n.startswith("tgt") else "length"} for n in names]
     limits = {"length": limit, "tgt_length": limit}
     return export(fn, params, *example, dynamic=dynamic, params_as=params_as, limits=limits)
@@ -158,8 +164,9 @@ def export_decoding(
     """The decoding engine's two functions exported (:mod:`functional_llm.generate.cache`)."""
     batch, length = 2, min(4, max_len)
     seq2seq = hasattr(model, "core")
-    _, _, (ids, *_) = _signature(model, batch, length)
-    ones = torch.ones(batch, length, dtype=torch.bool)
+    where = tree.leaves(params)[0].device
+    _, _, (ids, *_) = _signature(model, batch, length, where)
+    ones = torch.ones(batch, length, dtype=torch.bool, device=where)
     pad_dims = {0: "batch", 1: "length"}
     if seq2seq:
         start = export(
@@ -174,7 +181,7 @@ def export_decoding(
             params, ids, ones, dynamic=[pad_dims, pad_dims], params_as=params_as,
             limits={"length": max_len},
         )  # fmt: skip
-        cache = init_cache(model, batch, max_len)
+        cache = init_cache(model, batch, max_len, where)
     no_index: Any = cache._replace(index=None)
     rows: Any = optree.tree_map(lambda _: {0: "batch"}, no_index)
     cache_dims = cast(KVCache, rows)._replace(index=None)  # every leaf has rows but the index
