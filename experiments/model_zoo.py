@@ -15,6 +15,7 @@ import time
 import torch
 
 import functional_llm as fl
+from experiments import cli
 from functional_llm import models
 from functional_llm.interop import torch_nn
 
@@ -48,20 +49,15 @@ def sizes() -> None:
         print(f"{name:<52} {n:>15,} {published or '':>15}  {check}  ({ms:.0f} ms)")
 
 
-def forward(compile_too: bool) -> None:
+def forward(compile_too: bool, device: torch.device, dtype: torch.dtype) -> None:
+    shape = dict(vocab_size=256, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, dtype=dtype)
     tiny = {
-        "gpt2": models.GPT(
-            models.GPTConfig(vocab_size=256, max_seq_len=64, d_model=64, n_layers=2, n_heads=4)
-        ),
-        "llama": models.GPT(
-            models.GPTConfig.llama(
-                vocab_size=256, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2
-            )
-        ),
+        "gpt2": models.GPT(models.GPTConfig.gpt2(**shape)),
+        "llama": models.GPT(models.GPTConfig.llama(**shape, n_kv_heads=2)),
     }
-    tokens = fl.random.randint(fl.random.key(1), (4, 64), 0, 256)
+    tokens = fl.random.randint(fl.random.key(1, device), (4, 64), 0, 256)
     for name, model in tiny.items():
-        params = model.init(fl.random.key(0))
+        params = model.init(fl.random.key(0, device))
         eager = model.apply(params, tokens)
         line = f"{name:<6} logits {tuple(eager.shape)}"
         if compile_too:
@@ -75,6 +71,7 @@ def parity() -> None:
     module = torch.nn.Transformer(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
                                   dim_feedforward=128, batch_first=True).eval()  # fmt: skip
     model, params = torch_nn.from_transformer(module)
+    model = fl.nn.inference(model)  # the module is in eval mode: no dropout
     src, tgt = torch.randn(3, 10, 64), torch.randn(3, 7, 64)
     causal = fl.nn.causal_mask(7)
     want = module(src, tgt, tgt_mask=~causal)
@@ -85,9 +82,10 @@ def parity() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
+    cli.add_device_args(parser)
     args = parser.parse_args()
     sizes()
-    forward(compile_too=not args.no_compile)
+    forward(not args.no_compile, cli.device(args), cli.dtype(args))
     parity()
 
 
