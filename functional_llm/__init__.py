@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from functional_llm import (
         checkpoint,
         data,
+        export,
         finetune,
         generate,
         init,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
     "data",
+    "export",
     "finetune",
     "generate",
     "init",

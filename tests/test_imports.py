@@ -53,6 +53,19 @@ def test_import_loads_neither_dynamo_nor_distributed():
     assert out == "[]"
 
 
+def test_weights_and_export_import_no_optional_library():
+    out = run(
+        """
+        import sys
+        import functional_llm as fl
+        fl.interop.hf, fl.export, fl.data.load_tokenizer
+        print(sorted(m for m in ("transformers", "onnx", "onnxruntime", "onnxscript")
+                     if m in sys.modules))
+        """
+    )
+    assert out == "[]"
+
+
 def test_plan_registers_cpu_attention_sharding_once_made():
     out = run(
         """

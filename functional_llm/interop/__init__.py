@@ -1,5 +1,6 @@
-"""Bridges to other libraries' modules and weights."""
+"""Bridges to other libraries' modules and weights: ``torch_nn`` (``torch.nn`` layers) and
+``hf`` (Hugging Face model folders)."""
 
-from functional_llm.interop import torch_nn
+from functional_llm.interop import hf, torch_nn
 
-__all__ = ["torch_nn"]
+__all__ = ["hf", "torch_nn"]
