@@ -309,3 +309,25 @@ def test_rope_scaling_round_trips_through_checkpoint_configs() -> None:
     assert fl.checkpoint.config_from_dict(fl.models.GPTConfig, data) == cfg
     with pytest.raises(ValueError, match=r"RopeScaling.kind must be 'linear' or 'llama3'"):
         fl.nn.RopeScaling(kind="yarn", factor=2.0)
+
+
+def test_marian_with_separate_source_and_target_vocabularies(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    reference = _marian(
+        decoder_vocab_size=80, share_encoder_decoder_embeddings=False, pad_token_id=79,
+        decoder_start_token_id=79,
+    ).eval()  # fmt: skip
+    reference.save_pretrained(tmp_path / "in")
+    model, params = hf.load(tmp_path / "in")
+    assert params["src_embed"]["table"].shape == (97, 32)
+    assert params["tgt_embed"]["table"].shape == (80, 32)
+    x, valid = _batch(7)
+    y = x[:, :4] % 80
+    with torch.no_grad():
+        want = reference(input_ids=x, attention_mask=valid.long(), decoder_input_ids=y).logits
+        got = fl.nn.inference(model).apply(params, x, y, src_valid=valid)
+        torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
+        hf.save(model, params, tmp_path / "out", pad_token_id=79, decoder_start_token_id=79)
+        back = tr.MarianMTModel.from_pretrained(tmp_path / "out").eval()
+        again = back(input_ids=x, attention_mask=valid.long(), decoder_input_ids=y).logits
+        torch.testing.assert_close(again, want, rtol=TOL, atol=TOL)
