@@ -221,7 +221,9 @@ class MultiHeadAttention(Layer):
         if self.kv_heads != self.n_heads:  # grouped-query: each kv head serves a group
             group = self.n_heads // self.kv_heads
             k, v = (t.repeat_interleave(group, dim=-3) for t in (k, v))
-        if return_weights or self.dropout > 0.0:  # keyed dropout: SDPA's reads the global RNG
+        # keyed dropout (SDPA's reads the global RNG), and vmap on CPU: SDPA's CPU kernel has no
+        # batching rule, so vmap would fall back to a per-example loop
+        if return_weights or self.dropout > 0.0 or _under_vmap_on_cpu(q):
             out, weights = _explicit_attention(q, k, v, mask, self.dropout, key)
         else:
             out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
@@ -232,6 +234,11 @@ class MultiHeadAttention(Layer):
         out = out.transpose(-3, -2).clone(memory_format=torch.contiguous_format)
         y = self._proj("o").apply(params["o"], out)
         return (y, cast(torch.Tensor, weights)) if return_weights else y  # explicit path: weights
+
+
+def _under_vmap_on_cpu(q: torch.Tensor) -> bool:
+    """Inside ``torch.func`` transforms, eager or traced by ``torch.compile``, on the CPU."""
+    return q.device.type == "cpu" and torch._C._are_functorch_transforms_active()
 
 
 def _explicit_attention(

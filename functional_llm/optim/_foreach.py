@@ -5,6 +5,10 @@ one kernel launch per operation for all leaves, as ``torch.optim``'s ``foreach``
 Scalars may be Python numbers or 0-dim tensors (what :func:`inject_hyperparams` passes); the
 functions pick the kernel that takes each. Only :func:`add_` and :func:`fused_adamw_` write
 into their arguments, and say so by their trailing underscore.
+
+The ``_foreach`` kernels have no ``vmap`` batching rules, so under ``torch.func`` transforms
+(an ensemble's vmapped step) every function runs leaf by leaf instead: the same arithmetic,
+batched by vmap.
 """
 
 from __future__ import annotations
@@ -15,8 +19,15 @@ Leaves = list[torch.Tensor]
 Scalar = float | torch.Tensor
 
 
+def _per_leaf() -> bool:
+    """True inside ``torch.func`` transforms, where the foreach kernels cannot be batched."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def add(x: Leaves, y: Leaves, alpha: Scalar = 1.0) -> Leaves:
     """``x + alpha * y`` (one pass when ``alpha`` is a Python number)."""
+    if _per_leaf():
+        return [a + alpha * b for a, b in zip(x, y, strict=True)]
     if isinstance(alpha, torch.Tensor):
         return list(torch._foreach_add(x, torch._foreach_mul(y, alpha)))
     return list(torch._foreach_add(x, y, alpha=alpha))
@@ -24,41 +35,63 @@ def add(x: Leaves, y: Leaves, alpha: Scalar = 1.0) -> Leaves:
 
 def add_(x: Leaves, y: Leaves) -> None:
     """``x += y`` in place."""
+    if _per_leaf():
+        for a, b in zip(x, y, strict=True):
+            a.add_(b)
+        return
     torch._foreach_add_(x, y)
 
 
 def add_scalar(x: Leaves, s: Scalar) -> Leaves:
     """``x + s``."""
+    if _per_leaf():
+        return [a + s for a in x]
     return list(torch._foreach_add(x, s))
 
 
 def sub(x: Leaves, y: Leaves) -> Leaves:
+    if _per_leaf():
+        return [a - b for a, b in zip(x, y, strict=True)]
     return list(torch._foreach_sub(x, y))
 
 
 def mul(x: Leaves, y: Scalar | Leaves) -> Leaves:
     """``x * y``: ``y`` a scalar, or one scalar or tensor per leaf."""
+    if _per_leaf():
+        ys = y if isinstance(y, list | tuple) else [y] * len(x)
+        return [a * b for a, b in zip(x, ys, strict=True)]
     return list(torch._foreach_mul(x, y))
 
 
 def div(x: Leaves, y: Scalar | Leaves) -> Leaves:
+    if _per_leaf():
+        ys = y if isinstance(y, list | tuple) else [y] * len(x)
+        return [a / b for a, b in zip(x, ys, strict=True)]
     return list(torch._foreach_div(x, y))
 
 
 def sqrt(x: Leaves) -> Leaves:
+    if _per_leaf():
+        return [a.sqrt() for a in x]
     return list(torch._foreach_sqrt(x))
 
 
 def sign(x: Leaves) -> Leaves:
+    if _per_leaf():
+        return [a.sign() for a in x]
     return list(torch._foreach_sign(x))
 
 
 def norms(x: Leaves) -> Leaves:
     """The L2 norm of each leaf."""
+    if _per_leaf():
+        return [torch.linalg.vector_norm(a) for a in x]
     return list(torch._foreach_norm(x))
 
 
 def clamp(x: Leaves, low: float, high: float) -> Leaves:
+    if _per_leaf():
+        return [a.clamp(low, high) for a in x]
     out = torch._foreach_clamp_min(x, low)
     torch._foreach_clamp_max_(out, high)
     return list(out)
@@ -67,12 +100,16 @@ def clamp(x: Leaves, low: float, high: float) -> Leaves:
 def ema(avg: Leaves, new: Leaves, decay: Scalar) -> Leaves:
     """``decay * avg + (1 - decay) * new`` (``lerp``, as torch.optim)."""
     weight = 1.0 - decay  # a 0-dim tensor weight works at run time; torch's stub lists floats
+    if _per_leaf():
+        return [torch.lerp(a, b, weight) for a, b in zip(avg, new, strict=True)]
     return list(torch._foreach_lerp(avg, new, weight))  # pyright: ignore[reportCallIssue,reportArgumentType]
 
 
 def ema_of_squares(avg: Leaves, g: Leaves, decay: Scalar) -> Leaves:
     """``decay * avg + (1 - decay) * g^2``."""
     out = mul(avg, decay)
+    if _per_leaf():
+        return [o + (1.0 - decay) * b * b for o, b in zip(out, g, strict=True)]
     if isinstance(decay, torch.Tensor):  # addcmul_ takes a Python scalar only
         add_(out, mul(mul(g, g), 1.0 - decay))
     else:
@@ -86,6 +123,10 @@ def adam_direction(
     """``(mu / (1 - b1^t)) / (sqrt((nu + eps_root) / (1 - b2^t)) + eps)``, in torch.optim's
     order of operations (bias corrections in float64, as it computes them on the host)."""
     denom = sqrt(add_scalar(nu, eps_root) if eps_root else nu)
+    if _per_leaf():
+        c1 = bias_correction(b1, t).to(mu[0].dtype)
+        c2 = torch.sqrt(bias_correction(b2, t)).to(mu[0].dtype)
+        return [m / (d / c2 + eps) / c1 for m, d in zip(mu, denom, strict=True)]
     torch._foreach_div_(denom, torch.sqrt(bias_correction(b2, t)).to(mu[0].dtype))
     torch._foreach_add_(denom, eps)
     u = torch._foreach_div(mu, denom)
