@@ -33,9 +33,5 @@ def test_gpt_configs_build_models_that_are_causal(cfg, key):
     params = model.init(key)
     length = cfg.max_seq_len
     tokens = fl.random.randint(fl.random.fold_in(key, 1), (2, length), 0, cfg.vocab_size)
-    t = length // 2
-    edited = tokens.clone()
-    edited[:, t:] = (edited[:, t:] + 1) % cfg.vocab_size
-    a, b = model.apply(params, tokens), model.apply(params, edited)
-    testing.assert_trees_close(a[:, :t], b[:, :t])
-    assert a.shape == (2, length, cfg.vocab_size)
+    testing.check_causal(lambda t: model.apply(params, t), tokens, cfg.vocab_size)
+    assert model.apply(params, tokens).shape == (2, length, cfg.vocab_size)
