@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from functional_llm import (
         checkpoint,
+        curvature,
         data,
+        ensemble,
         export,
         finetune,
         generate,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
         nn,
         optim,
         parallel,
+        privacy,
         random,
         runs,
         testing,
@@ -42,7 +45,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
+    "curvature",
     "data",
+    "ensemble",
     "export",
     "finetune",
     "generate",
@@ -55,6 +60,7 @@ __all__ = [
     "nn",
     "optim",
     "parallel",
+    "privacy",
     "random",
     "runs",
     "testing",
