@@ -6,7 +6,8 @@
   first checks that all three give the same gradients;
 * an ensemble of 8 members: one vmapped step on the stacked state (``ensemble.make_step``)
   against 8 sequential steps of the ordinary train step (goal >= 1.5x), on the model of the
-  main job's CPU table (4 layers, d 128, 4 heads, block 64, batch 12, vocabulary 65).
+  main job's CPU table (4 layers, d 128, 4 heads, block 64, batch 12, vocabulary 65) and on
+  ``experiments/sweep.py``'s (2 layers, d 64).
 
 Ratios are medians of ``--repeats`` interleaved rounds (> 1: ours is faster). ``--compile``
 adds each of ours compiled (``train.compile``), against the ensemble's sequential steps compiled
@@ -147,8 +148,11 @@ def max_diff(a: Any, b: Any) -> float:
     )
 
 
-def ensemble_step(args: argparse.Namespace) -> None:
-    model = fl.models.GPT(fl.models.GPTConfig(**CFG, bias=False))
+SWEEP = dict(vocab_size=65, max_seq_len=64, d_model=64, n_layers=2, n_heads=4)
+
+
+def ensemble_step(args: argparse.Namespace, shape: dict, name: str) -> None:
+    model = fl.models.GPT(fl.models.GPTConfig(**shape, bias=False))
     opt = optim.inject_hyperparams(optim.adamw)(learning_rate=1e-3, weight_decay=0.1)
     loss_fn = losses.next_token(model)
     keys = random.split(random.key(0), args.members)
@@ -168,16 +172,16 @@ def ensemble_step(args: argparse.Namespace) -> None:
         return [plain(s, batch) for s in singles]
 
     got, want = together()[1]["loss"], torch.stack([m["loss"] for _, m in one_by_one()])
-    print(f"ensemble losses agree: {(got - want).abs().max():.1e}")
+    print(f"ensemble losses agree ({name}): {(got - want).abs().max():.1e}")
     pairs = {"eager": (together, one_by_one)}
     if args.compile:
         vmapped_c, plain_c = train.compile(vmapped), train.compile(plain)
         pairs["compiled"] = (lambda: vmapped_c(stacked, batch),
                              lambda: [plain_c(s, batch) for s in singles])  # fmt: skip
-    for name, (ours, theirs) in pairs.items():
+    for how, (ours, theirs) in pairs.items():
         a, b, r = median_ratio(ours, theirs, args.repeats)
-        print(f"| {args.members}-member ensemble step vs {args.members} sequential steps, {name} | "
-              f"{a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {r:.2f}x |")  # fmt: skip
+        print(f"| {args.members}-member ensemble step vs {args.members} sequential steps, {name}, "
+              f"{how} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | {r:.2f}x |")  # fmt: skip
 
 
 def main() -> None:
@@ -190,7 +194,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| case | ours | theirs | theirs / ours |\n|---|---|---|---|")
     per_example(args)
-    ensemble_step(args)
+    ensemble_step(args, CFG, "CPU-table model")
+    ensemble_step(args, SWEEP, "the sweep's model (2 layers, d 64)")
 
 
 if __name__ == "__main__":
