@@ -41,8 +41,10 @@ def test_bert_is_padding_blind_and_row_independent(cfg, key, data) -> None:
     testing.check_batch_independence(apply, tokens, valid)
     testing.check_transforms_agree(apply, tokens, valid)
     if tokens.shape[1] > 1 and cfg.vocab_size > 1:  # bidirectional: the causal check must fail
-        with pytest.raises(AssertionError, match="not causal"):
-            testing.check_causal(lambda t: model.apply(params, t).hidden, tokens, cfg.vocab_size)
+        with pytest.raises(AssertionError, match="not causal"):  # exactly: with init's small
+            testing.check_causal(  # weights, what later tokens change can be below 1e-5
+                lambda t: model.apply(params, t).hidden, tokens, cfg.vocab_size, rtol=0, atol=0
+            )
 
 
 @SETTINGS

@@ -38,6 +38,19 @@ def _heads(draw: Any, max_heads: int) -> tuple[int, int]:
     return n_heads, n_heads * draw(st.sampled_from([2, 4, 8]))
 
 
+def _decoder_or_encoder(draw: Any, max_layers: int, max_heads: int) -> dict[str, int]:
+    """The fields GPT and BERT configs share: vocabulary, length, width, depth, heads."""
+    st = _st()
+    n_heads, d_model = _heads(draw, max_heads)
+    return {
+        "vocab_size": draw(st.integers(2, 40)),
+        "max_seq_len": draw(st.integers(4, 32)),
+        "d_model": d_model,
+        "n_layers": draw(st.integers(1, max_layers)),
+        "n_heads": n_heads,
+    }
+
+
 def gpt_configs(
     max_layers: int = 2,
     max_heads: int = 4,
@@ -51,16 +64,9 @@ def gpt_configs(
 
     @st.composite
     def build(draw: Any) -> GPTConfig:
-        n_heads, d_model = _heads(draw, max_heads)
+        fields: dict[str, Any] = {**_decoder_or_encoder(draw, max_layers, max_heads), **fixed}
+        n_heads = fields["n_heads"]
         kv_divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
-        fields = {
-            "vocab_size": draw(st.integers(2, 40)),
-            "max_seq_len": draw(st.integers(4, 32)),
-            "d_model": d_model,
-            "n_layers": draw(st.integers(1, max_layers)),
-            "n_heads": n_heads,
-            **fixed,
-        }
         if draw(st.sampled_from(flavours)) == "llama":
             fields.setdefault("n_kv_heads", draw(st.sampled_from(kv_divisors)))
             return GPTConfig.llama(**fields)
@@ -76,14 +82,9 @@ def bert_configs(max_layers: int = 2, max_heads: int = 4, **fixed: Any) -> Any:
 
     @st.composite
     def build(draw: Any) -> BERTConfig:
-        n_heads, d_model = _heads(draw, max_heads)
-        fields = {
-            "vocab_size": draw(st.integers(2, 40)),
-            "max_seq_len": draw(st.integers(4, 32)),
-            "d_model": d_model,
-            "n_layers": draw(st.integers(1, max_layers)),
-            "n_heads": n_heads,
-            "d_ff": 2 * d_model,
+        fields: dict[str, Any] = _decoder_or_encoder(draw, max_layers, max_heads)
+        fields |= {
+            "d_ff": 2 * fields["d_model"],
             "activation": draw(st.sampled_from(["gelu", "relu", "gelu_tanh"])),
             "dropout": 0.0,
             **fixed,
