@@ -11,9 +11,16 @@ from functional_llm import random
 from functional_llm.init import Constant, Initializer, fan_in_uniform
 from functional_llm.nn.module import Layer, Params
 
-__all__ = ["Linear"]
+__all__ = ["Linear", "is_packed"]
 
 Dims = int | tuple[int, ...]
+
+
+def is_packed(w: object) -> bool:
+    """A weight stored in another form (a quantised one, :mod:`functional_llm.compress`): it
+    has the float weight's ``shape`` and multiplies ``(rows, fan_in)`` inputs itself
+    (``w.linear(x2)``). Shape checks treat it as one leaf."""
+    return getattr(w, "packed_weight", False) is True
 
 
 def _tuple(d: Dims) -> tuple[int, ...]:
@@ -73,7 +80,12 @@ class Linear(Layer):
         n_in, out = len(_tuple(self.in_dims)), _tuple(self.out_dims)
         lead = x.shape[: x.ndim - n_in]
         x2 = x.reshape(-1, self.fan_in)
-        w2 = params["w"].reshape(self.fan_in, -1)
+        w = params["w"]
+        if is_packed(w):
+            y = w.linear(x2)
+            y = y + params["b"].reshape(-1) if self.bias else y
+            return y.reshape(*lead, *out)
+        w2 = w.reshape(self.fan_in, -1)
         # One addmm (as torch.nn.Linear does) rather than a matmul and a separate add.
         y = torch.addmm(params["b"].reshape(-1), x2, w2) if self.bias else x2 @ w2
         return y.reshape(*lead, *out)

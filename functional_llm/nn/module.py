@@ -60,13 +60,17 @@ def check_tree(params: Params, expected: Params, name: str = "params") -> None:
 
     The message names each offending path (``params.blocks.0.attn.q.w``) and both shapes.
     """
-    leaves, spec = optree.tree_flatten(params)
+    from functional_llm.nn.linear import is_packed  # a packed (quantised) weight is one leaf
+
+    leaves, spec = optree.tree_flatten(params, is_leaf=is_packed)
     want_leaves, want_spec = optree.tree_flatten(expected)
     if spec == want_spec and all(
-        x.shape == w.shape for x, w in zip(leaves, want_leaves, strict=True)
+        tuple(x.shape) == tuple(w.shape) for x, w in zip(leaves, want_leaves, strict=True)
     ):
         return
-    got, want = tree.flatten(params), tree.flatten(expected)
+    paths = tree.paths(optree.tree_unflatten(spec, list(range(len(leaves)))))
+    got = dict(zip(paths, leaves, strict=True))
+    want = tree.flatten(expected)
     problems = [
         f"{name}.{p}: missing (expected shape {tuple(want[p].shape)})" for p in want if p not in got
     ]
@@ -74,7 +78,7 @@ def check_tree(params: Params, expected: Params, name: str = "params") -> None:
     problems += [
         f"{name}.{p}: expected shape {tuple(want[p].shape)}, got {tuple(getattr(x, 'shape', ()))}"
         for p, x in got.items()
-        if p in want and getattr(x, "shape", None) != want[p].shape
+        if p in want and tuple(getattr(x, "shape", ())) != tuple(want[p].shape)
     ]
     raise ValueError("parameters do not fit the layer:\n  " + "\n  ".join(problems))
 

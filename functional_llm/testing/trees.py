@@ -24,7 +24,10 @@ def _compare(actual: Any, expected: Any, close: bool, rtol: float, atol: float) 
         tree.paths(actual), tree.leaves(actual), tree.leaves(expected), strict=True
     ):
         try:
-            if close:
+            if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+                if a != b:  # plain values (ints, strings) in a tree compare exactly
+                    raise AssertionError(f"{a!r} != {b!r}")
+            elif close:
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
             elif not (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)):
                 diff = (
