@@ -54,16 +54,21 @@ def cross_entropy(
     z_loss: float = 0.0,
 ) -> tuple[torch.Tensor, Metrics]:
     """Mean cross-entropy of ``logits: (..., C)`` against integer ``targets: (...)`` over the
-    targets that are not ``ignore_index``; zero if none is counted.
+    targets that are not ``ignore_index``; zero if none is counted. Float ``targets: (..., C)``
+    are class probabilities (soft labels, a teacher's distribution): ``-sum_c p_c log q_c`` per
+    position, averaged over every position.
 
     aux: ``loss`` (the returned value), ``nll`` (plain cross-entropy, no smoothing or z-loss),
     ``accuracy`` (argmax hits) and ``count`` (counted targets, the weight to average over
     micro-batches with).
     """
+    if targets.dtype.is_floating_point and targets.shape == logits.shape:
+        return _soft_cross_entropy(logits, targets)
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"cross_entropy: logits {tuple(logits.shape)} need targets of shape "
-            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+            f"{tuple(logits.shape[:-1])} (class ids) or {tuple(logits.shape)} (probabilities), "
+            f"got {tuple(targets.shape)}"
         )
     if targets.dtype.is_floating_point:
         raise TypeError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
@@ -94,6 +99,16 @@ def cross_entropy(
             "count": count,
         }
     return loss, aux
+
+
+def _soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    per_position = -(probs.to(z.dtype) * torch.log_softmax(z, dim=-1)).sum(-1)
+    loss = per_position.mean()
+    with torch.no_grad():
+        hits = (z.argmax(-1) == probs.argmax(-1)).float().mean()
+        count = torch.tensor(per_position.numel(), device=z.device)
+    return loss, {"loss": loss.detach(), "nll": loss.detach(), "accuracy": hits, "count": count}
 
 
 def _is_dtensor(x: torch.Tensor) -> bool:

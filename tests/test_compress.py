@@ -95,3 +95,128 @@ def test_bad_quantisation_requests_are_clear_errors() -> None:
     small = llama(d_model=8, n_heads=2)
     with pytest.raises(ValueError, match="multiple of 16 and input dim of 32"):
         compress.quantize(small.init(random.key(0)), small.axes(), bits=4)
+
+
+# -- pruning -----------------------------------------------------------------------------------
+
+
+def _mha(**kw):  # multi-head attention (heads prune independently), biases on
+    return gpt2(d_model=32, n_heads=4, **kw)
+
+
+def _zero_heads(params: dict, dropped: list[list[int]]) -> dict:
+    """The params with the dropped heads' weights zeroed (the masked model)."""
+    blocks = []
+    for block, heads in zip(params["blocks"], dropped, strict=True):
+        attn = {n: dict(v) for n, v in block["attn"].items()}
+        for h in heads:
+            for n in "qkv":
+                attn[n]["w"] = attn[n]["w"].clone().index_fill_(1, torch.tensor([h]), 0.0)
+                attn[n]["b"] = attn[n]["b"].clone().index_fill_(0, torch.tensor([h]), 0.0)
+            attn["o"]["w"] = attn["o"]["w"].clone().index_fill_(0, torch.tensor([h]), 0.0)
+        blocks.append({**block, "attn": attn})
+    return {**params, "blocks": blocks}
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), keep=st.integers(1, 4))
+def test_a_head_pruned_model_equals_the_masked_model(seed: int, keep: int) -> None:
+    model = _mha()
+    params = model.init(random.key(seed))
+    scores = compress.head_importance(model, params)
+    small, pruned = compress.prune_heads(model, params, keep)
+    assert small.config.n_heads == keep and small.config.dim_per_head == 8
+    kept = scores.topk(keep, dim=-1).indices
+    dropped = [[h for h in range(4) if h not in row.tolist()] for row in kept]
+    x = random.randint(random.key(seed + 1), (2, 7), 0, 20)
+    torch.testing.assert_close(small.apply(pruned, x), model.apply(_zero_heads(params, dropped), x),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert fl.tree.size(pruned) < fl.tree.size(params) or keep == 4
+
+
+def test_pruning_zero_importance_heads_leaves_the_logits_unchanged() -> None:
+    model = _mha()
+    params = _zero_heads(model.init(random.key(0)), [[1, 3], [0, 2]])
+    small, pruned = compress.prune_heads(model, params, keep=2)
+    assert compress.head_importance(model, params)[0, 1] == 0
+    x = random.randint(random.key(1), (2, 9), 0, 20)
+    torch.testing.assert_close(small.apply(pruned, x), model.apply(params, x), rtol=1e-5, atol=1e-6)
+    narrow, fewer = compress.prune_neurons(model, params, keep=40)
+    assert narrow.config.ffn_dim == 40 and fewer["blocks"][0]["mlp"]["up"]["w"].shape == (32, 40)
+
+
+def test_magnitude_masks_stay_pruned_through_adamw() -> None:
+    model = _mha()
+    params = model.init(random.key(0))
+    masks = compress.magnitude_masks(params, 0.5)
+    q = masks["blocks"][0]["attn"]["q"]["w"]
+    assert abs(q.float().mean().item() - 0.5) < 0.01
+    assert bool(masks["embed"]["table"].all())  # not a target: kept whole
+    opt = compress.keep_pruned(fl.optim.adamw(1e-2, weight_decay=0.1), masks)
+    loss = fl.losses.next_token(model)
+    state = fl.train.init_state(compress.apply_masks(params, masks), opt, random.key(1))
+    step = fl.train.make_step(loss, opt)
+    for s in range(3):
+        tokens = random.randint(random.key(s), (2, 9), 0, 20)
+        state, _ = step(state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    w = state.params["blocks"][0]["attn"]["q"]["w"]
+    assert bool((w[~q] == 0).all()) and bool((w[q] != 0).all())
+    assert (
+        compress.sparsity_at(0, 0.8, 10, 20) == 0.0 and compress.sparsity_at(20, 0.8, 10, 20) == 0.8
+    )
+    assert compress.sparsity_at(15, 0.8, 10, 20) == pytest.approx(0.8 * (1 - 0.5**3))
+
+
+def test_bad_pruning_requests_are_clear_errors() -> None:
+    model = _mha()
+    params = model.init(random.key(0))
+    with pytest.raises(ValueError, match=r"keep must be in \[1, 4\] \(the layer has 4\), got 5"):
+        compress.prune_heads(model, params, keep=5)
+    with pytest.raises(ValueError, match=r"keep must be in \[1, 128\]"):
+        compress.prune_neurons(model, params, keep=0)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        compress.magnitude_masks(params, 1.0)
+    with pytest.raises(ValueError, match="grouped-query attention"):
+        gqa = llama(d_model=32, n_heads=4, n_kv_heads=2)
+        compress.prune_heads(gqa, gqa.init(random.key(0)), keep=2)
+
+
+# -- distillation ------------------------------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), temperature=st.floats(0.5, 4.0))
+def test_kl_equals_its_definition_and_its_gradient_finite_differences(seed, temperature) -> None:
+    s = random.normal(random.key(seed), (3, 5, 7), dtype=torch.float64)
+    t = random.normal(random.key(seed + 1), (3, 5, 7), dtype=torch.float64)
+    p, q = torch.softmax(t / temperature, -1), torch.softmax(s / temperature, -1)
+    want = temperature**2 * (p * (p.log() - q.log())).sum(-1).mean()
+    got = compress.kl_divergence(s, t, temperature)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    fl.testing.check_gradients(lambda x: compress.kl_divergence(x["s"].double(), t, temperature),
+                               {"s": s}, random.key(seed), atol=1e-7)  # fmt: skip
+    # soft labels: cross-entropy against a distribution is -sum_c p_c log q_c
+    ce, _ = fl.losses.cross_entropy(s, p)
+    torch.testing.assert_close(
+        ce, -(p * torch.log_softmax(s, -1)).sum(-1).mean(), rtol=1e-9, atol=0
+    )
+
+
+def test_distillation_gives_the_teacher_no_gradient() -> None:
+    teacher, student = gpt2(d_model=32, n_heads=4), gpt2(d_model=16, n_heads=2, n_layers=1)
+    t_params = teacher.init(random.key(0))
+    t_leaves = [x.requires_grad_() for x in fl.tree.leaves(t_params)]
+    loss_fn = compress.distill(
+        lambda p, b, k: student.apply(p, b["inputs"], key=k),
+        lambda p, b: teacher.apply(p, b["inputs"]),
+        t_params, alpha=0.7, temperature=2.0,
+    )  # fmt: skip
+    tokens = random.randint(random.key(1), (2, 9), 0, 20)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    s_params = student.init(random.key(2))
+    s_leaves = [x.requires_grad_() for x in fl.tree.leaves(s_params)]
+    loss, aux = loss_fn(s_params, batch, None)
+    grads = torch.autograd.grad(loss, t_leaves + s_leaves, allow_unused=True)
+    assert all(g is None for g in grads[: len(t_leaves)])
+    assert all(g is not None for g in grads[len(t_leaves) :])
+    assert float(loss) == pytest.approx(0.7 * float(aux["kl"]) + 0.3 * float(aux["nll"]), rel=1e-5)

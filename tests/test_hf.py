@@ -100,6 +100,7 @@ CASES = {
         _decoder_logits,
         _hf_decoder_logits,
     ),
+    "llama-head-dim": (lambda: _llama(head_dim=16), _decoder_logits, _hf_decoder_logits),
     "llama-rope-llama3": (
         lambda: _llama(rope_parameters=LLAMA3),
         _decoder_logits,
@@ -255,8 +256,10 @@ def test_unsupported_llama_fields_are_refused(tmp_path: Path) -> None:
     _edit(tmp_path, rope_parameters=scaling)
     with pytest.raises(hf.MappingError, match="rope_type='yarn'"):
         hf.load(tmp_path)
-    _edit(tmp_path, rope_parameters=None, head_dim=16)
-    with pytest.raises(hf.MappingError, match="head_dim=16"):
+    _edit(tmp_path, rope_parameters=None, head_dim=16)  # a head_dim the weights were not made for
+    with pytest.raises(
+        hf.MappingError, match=r"q_proj.weight has shape \(32, 32\) but the config gives \(64, 32\)"
+    ):
         hf.load(tmp_path)
 
 

@@ -43,6 +43,7 @@ class GPTConfig:
     n_layers: int = 12
     n_heads: int = 12
     n_kv_heads: int | None = None
+    head_dim: int | None = None
     d_ff: int | None = None
     positions: str = "learned"
     norm: NormKind = "layernorm"
@@ -61,7 +62,10 @@ class GPTConfig:
         if isinstance(self.rope_scaling, Mapping):  # as config_to_dict wrote it
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         check_positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads")
-        check_divides(self, "n_heads", "d_model")
+        if self.head_dim is None:
+            check_divides(self, "n_heads", "d_model")
+        else:
+            check_positive(self, "head_dim")
         if self.n_kv_heads is not None:
             check_positive(self, "n_kv_heads")
             check_divides(self, "n_kv_heads", "n_heads")
@@ -71,10 +75,17 @@ class GPTConfig:
         check_choice(self, "norm", get_args(NormKind))
         check_choice(self, "activation", ACTIVATION_NAMES)
         check_rate(self, "dropout")
-        if self.positions in ("rope", "sinusoidal") and (self.d_model // self.n_heads) % 2:
+        if self.positions == "rope" and self.dim_per_head % 2:
             raise ValueError(f"GPTConfig.positions={self.positions!r} needs an even head dim")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ValueError("GPTConfig.positions='sinusoidal' needs an even d_model")
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("GPTConfig.init_std, norm_eps and rope_theta must be positive")
+
+    @property
+    def dim_per_head(self) -> int:
+        """``head_dim``, else ``d_model / n_heads`` (a pruned model keeps its heads' width)."""
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -138,6 +149,7 @@ class GPT(Layer):
             n_heads=c.n_heads,
             d_ff=c.ffn_dim,
             n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
             activation=c.activation,
             dropout=c.dropout,
             norm_first=True,

@@ -42,6 +42,7 @@ class Block(Layer):
     n_heads: int
     d_ff: int
     n_kv_heads: int | None = None
+    head_dim: int | None = None
     activation: Activation = "relu"
     dropout: float = 0.0
     norm_first: bool = False
@@ -64,6 +65,7 @@ class Block(Layer):
             d_model=self.d_model,
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
             bias=self.bias,
             dropout=self.dropout,
             rope_theta=None if cross else self.rope_theta,

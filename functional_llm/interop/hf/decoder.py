@@ -65,6 +65,8 @@ def _gpt2_to_hf(c: GPTConfig) -> dict[str, Any]:
     _refuse_unless(c, "GPT-2", positions="learned", norm="layernorm", bias=True)
     if c.n_kv_heads not in (None, c.n_heads):
         raise MappingError("GPTConfig.n_kv_heads: GPT-2 has no grouped-query attention")
+    if c.dim_per_head * c.n_heads != c.d_model:
+        raise MappingError("GPTConfig.head_dim: GPT-2's heads split d_model exactly")
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
     if c.activation not in act:
         raise MappingError(f"GPTConfig.activation={c.activation!r}: GPT-2 has no gated MLP")
@@ -126,11 +128,7 @@ def _llama_config(hf: dict[str, Any]) -> GPTConfig:
     }
     scaling = _rope_scaling(rope, hf)
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if field_value(hf, "head_dim", d // heads) != d // heads:
-        raise MappingError(
-            f"config.json: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads"
-            f" = {d // heads}, which our attention requires"
-        )
+    head_dim = field_value(hf, "head_dim", d // heads)
     return GPTConfig.llama(
         vocab_size=hf["vocab_size"],
         max_seq_len=field_value(hf, "max_position_embeddings", 2048),
@@ -138,6 +136,7 @@ def _llama_config(hf: dict[str, Any]) -> GPTConfig:
         n_layers=hf["num_hidden_layers"],
         n_heads=heads,
         n_kv_heads=field_value(hf, "num_key_value_heads", heads),
+        head_dim=None if head_dim * heads == d else head_dim,
         d_ff=hf["intermediate_size"],
         norm_eps=field_value(hf, "rms_norm_eps", 1e-6),
         rope_theta=float(field_value(hf, "rope_theta", rope.get("rope_theta", 10000.0))),
@@ -177,6 +176,7 @@ def _llama_to_hf(c: GPTConfig) -> dict[str, Any]:
         "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads,
         "num_key_value_heads": c.n_kv_heads or c.n_heads,
+        "head_dim": c.dim_per_head,
         "intermediate_size": c.ffn_dim,
         "hidden_act": "silu",
         "rms_norm_eps": c.norm_eps,
