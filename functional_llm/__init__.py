@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from functional_llm import (
         checkpoint,
+        compress,
         curvature,
         data,
         ensemble,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
+    "compress",
     "curvature",
     "data",
     "ensemble",
