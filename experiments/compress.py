@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     bf16 = fl.models.GPT(dataclasses.replace(c, dtype=torch.bfloat16))
     variants["bf16"] = (bf16, fl.tree.map(lambda x: x.to(torch.bfloat16), params))
     variants["int8 (weight-only)"] = (model, compress.quantize(params, model.axes(), bits=8))
+    variants["int8, bf16 activations"] = (
+        model, compress.quantize(params, model.axes(), bits=8, bf16_activations=True)
+    )  # fmt: skip
     try:
         variants["int4 (weight-only, g32)"] = (
             model,

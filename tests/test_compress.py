@@ -220,3 +220,15 @@ def test_distillation_gives_the_teacher_no_gradient() -> None:
     assert all(g is None for g in grads[: len(t_leaves)])
     assert all(g is not None for g in grads[len(t_leaves) :])
     assert float(loss) == pytest.approx(0.7 * float(aux["kl"]) + 0.3 * float(aux["nll"]), rel=1e-5)
+
+
+def test_int8_with_bf16_activations_is_close_to_the_float_apply() -> None:
+    model = llama(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64)
+    params = model.init(random.key(0))
+    q = compress.quantize(params, model.axes(), bf16_activations=True)
+    assert q["blocks"][0]["attn"]["q"]["w"].bf16_activations is True
+    x = random.randint(random.key(1), (2, 6), 0, 20)
+    want = model.apply(compress.dequantize(q), x)
+    got = model.apply(q, x)
+    assert got.dtype == torch.float32  # the layer's output keeps the activations' dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-2 * float(want.abs().max()))

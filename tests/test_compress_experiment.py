@@ -23,7 +23,7 @@ def test_compress_measures_every_variant(tmp_path: Path) -> None:
     quick = ["--recovery-steps", "3", "--student-steps", "3", "--eval-batches", "2",
              "--new-tokens", "4", "--repeats", "1"]  # fmt: skip
     table = compress_cli.main([str(run), *quick])
-    assert len(table) == 11
+    assert len(table) == 12
     fp32, int8, int4 = table["fp32"], table["int8 (weight-only)"], table["int4 (weight-only, g32)"]
     assert (
         int8["param_bytes"] < fp32["param_bytes"] / 2 and int4["param_bytes"] < int8["param_bytes"]

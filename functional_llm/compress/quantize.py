@@ -43,17 +43,23 @@ def _n_in(axes: tuple) -> int:
 
 class Int8Weight(NamedTuple):
     """int8 ``q (out, in)`` and float ``scale (out,)`` (and ``offset (out,)`` if asymmetric:
-    ``w = scale * q + offset``); ``shape`` is the float weight's ``(*in, *out)``."""
+    ``w = scale * q + offset``); ``shape`` is the float weight's ``(*in, *out)``.
+    ``bf16_activations``: the kernel multiplies bfloat16 inputs (its fast path on CPUs with
+    AVX512-BF16, at bfloat16's precision for the activations)."""
 
     q: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor | None
     shape: tuple[int, ...]
+    bf16_activations: bool = False
     packed_weight = True
 
     def linear(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2 (rows, in) @ w``: the int8 kernel on the CPU, then the offset's rank-one term."""
-        if x2.device.type == "cpu" and x2.dtype == torch.float32:
+        if x2.device.type == "cpu" and self.bf16_activations:
+            xb, sb = x2.to(torch.bfloat16), self.scale.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(xb, self.q, sb).to(x2.dtype)
+        elif x2.device.type == "cpu" and x2.dtype == torch.float32:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale.to(x2.dtype))
         else:
             y = x2 @ (self.q.to(x2.dtype) * self.scale.to(x2.dtype)[:, None]).T
@@ -98,17 +104,17 @@ class Int4Weight(NamedTuple):
         )
 
 
-def _int8(w2: torch.Tensor, symmetric: bool, shape: tuple[int, ...]) -> Int8Weight:
+def _int8(w2: torch.Tensor, symmetric: bool, shape: tuple[int, ...], bf16: bool) -> Int8Weight:
     """``w2 (out, in)`` per output channel."""
     if symmetric:
         scale = (w2.abs().amax(1) / 127).clamp(min=1e-12)
         q = torch.round(w2 / scale[:, None]).clamp(-128, 127)
-        return Int8Weight(q.to(torch.int8), scale, None, shape)
+        return Int8Weight(q.to(torch.int8), scale, None, shape, bf16)
     low, high = w2.amin(1), w2.amax(1)
     scale = ((high - low) / 255).clamp(min=1e-12)
     offset = low + 128 * scale
     q = torch.round((w2 - offset[:, None]) / scale[:, None]).clamp(-128, 127)
-    return Int8Weight(q.to(torch.int8), scale, offset, shape)
+    return Int8Weight(q.to(torch.int8), scale, offset, shape, bf16)
 
 
 def _int4(
@@ -145,11 +151,13 @@ def quantize(
     symmetric: bool = True,
     include: tuple[str, ...] = DEFAULT_TARGETS,
     exclude: tuple[str, ...] = (),
+    bf16_activations: bool = False,
 ) -> Any:
     """``params`` with the Linear weights matching ``include`` (and not ``exclude``) replaced by
     :class:`Int8Weight` (``bits=8``, per output channel) or :class:`Int4Weight` (``bits=4``, per
     ``group_size`` inputs, default 32). ``axes`` (``model.axes()``) says which dims of each
-    weight are inputs. A glob that matches no weight is an error."""
+    weight are inputs. A glob that matches no weight is an error. ``bf16_activations`` (int8):
+    multiply bfloat16 activations, the kernel's fast path (see :class:`Int8Weight`)."""
     if bits not in (4, 8):
         raise ValueError(f"quantize: bits must be 4 or 8, got {bits}")
     if bits == 8 and group_size is not None:
@@ -165,9 +173,10 @@ def quantize(
         n_in = _n_in(flat_axes.get(path, ()))
         w2 = w.detach().reshape(math.prod(w.shape[:n_in]), -1).T.float().contiguous()  # (out, in)
         shape = tuple(w.shape)
-        out[path] = (
-            _int8(w2, symmetric, shape) if bits == 8 else _int4(w2, group, symmetric, shape, path)
-        )
+        if bits == 8:
+            out[path] = _int8(w2, symmetric, shape, bf16_activations)
+        else:
+            out[path] = _int4(w2, group, symmetric, shape, path)
     return _rebuild(params, out)
 
 
