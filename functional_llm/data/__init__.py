@@ -1,5 +1,6 @@
 """Data: tokenizers, token files, task formats, and transforms as pure functions of a key."""
 
+from functional_llm.data import augment
 from functional_llm.data.classification import (
     encode_classification,
     label_vocab,
@@ -49,6 +50,7 @@ __all__ = [
     "SubwordTokenizer",
     "TokenWindows",
     "align_labels",
+    "augment",
     "bio_to_bioes",
     "bioes_to_bio",
     "encode_classification",

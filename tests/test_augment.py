@@ -1,0 +1,101 @@
+"""Augmentation: pure functions of a key (same key, same noise), protected tokens untouched,
+each operation's defining property on drawn inputs, its rate on a long sequence."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from functional_llm import random
+from functional_llm.data import augment as A
+
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+def _ids(seed: int, n: int) -> torch.Tensor:
+    return random.randint(random.key(seed), (n,), 0, 50)
+
+
+def _is_subsequence(small: list, big: list) -> bool:
+    it = iter(big)
+    return all(x in it for x in small)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 60), rate=st.floats(0.0, 0.9))
+def test_token_noise_is_a_function_of_the_key_and_spares_protected_tokens(seed, n, rate) -> None:
+    ids, key = _ids(seed, n), random.key(seed + 1)
+    protected = torch.arange(n) % 5 == 0
+    dropped = A.token_dropout(key, ids, rate, protected)
+    assert torch.equal(dropped, A.token_dropout(key, ids, rate, protected))
+    assert _is_subsequence(dropped.tolist(), ids.tolist())
+    assert _is_subsequence(ids[protected].tolist(), dropped.tolist())
+    blanked = A.token_blank(key, ids, rate, 99, protected)
+    assert torch.equal(blanked[protected], ids[protected])
+    assert bool(((blanked == ids) | (blanked == 99)).all())
+    replaced = A.token_replace(key, ids, rate, 50, protected)
+    assert torch.equal(replaced[protected], ids[protected]) and int(replaced.max()) < 50
+    if rate == 0.0:
+        assert (
+            torch.equal(dropped, ids) and torch.equal(blanked, ids) and torch.equal(replaced, ids)
+        )
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 60), k=st.integers(1, 6))
+def test_local_shuffle_moves_each_token_fewer_than_k_places(seed, n, k) -> None:
+    ids = torch.arange(n)  # each id is its own original position
+    protected = torch.arange(n) % 7 == 3
+    out = A.local_shuffle(random.key(seed), ids, k, protected)
+    assert sorted(out.tolist()) == ids.tolist()
+    assert int((out - ids).abs().max()) < k + int(protected.sum())  # free tokens jump the fixed
+    assert torch.equal(out[protected], ids[protected])
+    if not bool(protected.any()):
+        assert int((out - ids).abs().max()) < k
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 60), rate=st.floats(0.0, 0.6))
+def test_span_infill_keeps_the_rest_in_order(seed, n, rate) -> None:
+    ids = _ids(seed, n)
+    out = A.span_infill(random.key(seed), ids, rate, mask_id=99).tolist()
+    assert _is_subsequence([x for x in out if x != 99], ids.tolist())
+    assert out == A.span_infill(random.key(seed), ids, rate, mask_id=99).tolist()
+
+
+def test_rates_hold_on_a_long_sequence() -> None:
+    ids, key = torch.arange(20_000) % 50, random.key(0)
+    blanked = A.token_blank(key, ids, 0.15, 99)
+    assert abs(float((blanked == 99).float().mean()) - 0.15) < 0.01
+    kept = len(A.token_dropout(key, ids, 0.3)) / 20_000
+    assert abs(kept - 0.7) < 0.01
+    infilled = A.span_infill(key, ids + 0, 0.3, mask_id=99)
+    removed = 1 - int((infilled != 99).sum()) / 20_000
+    assert abs(removed - 0.3) < 0.015  # rate of the tokens go into spans
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=SEEDS, words=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=12))
+def test_eda_operations_keep_their_promises(seed, words) -> None:
+    key = random.key(seed)
+    assert Counter(A.random_swap(key, words, 2)) == Counter(words)
+    deleted = A.random_deletion(key, words, 0.5)
+    assert _is_subsequence(deleted, words) and (len(deleted) >= 1 or not words)
+    inserted = A.random_insertion(key, words, 2)
+    assert len(inserted) == len(words) + (2 if words else 0)
+    assert set(inserted) <= set(words) and _is_subsequence(words, inserted)
+    copies = A.eda(key, words, copies=3)
+    assert len(copies) == 3 and copies == A.eda(key, words, copies=3)
+
+
+def test_bad_augmentation_requests_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got 1.0"):
+        A.token_dropout(random.key(0), torch.arange(4), 1.0)
+    with pytest.raises(ValueError, match="1-D ids"):
+        A.token_blank(random.key(0), torch.zeros(2, 3, dtype=torch.long), 0.1, 0)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        A.local_shuffle(random.key(0), torch.arange(4), 0)
