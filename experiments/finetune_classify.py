@@ -57,16 +57,36 @@ def naive_bayes(train: list[dict], dev: list[dict], alpha: float = 1.0) -> list[
     return out
 
 
+def augmented(examples: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The examples and ``--augment-copies`` EDA copies of each text (same label), the copies
+    of example ``i`` drawn with ``fold_in(key(seed + 3), i)``."""
+    base = random.key(args.seed + 3)
+    out = list(examples)
+    for i, e in enumerate(examples):
+        copies = data.augment.eda(random.fold_in(base, i), e["text"].split(),
+                                  args.augment_copies, args.augment_alpha)  # fmt: skip
+        out += [{**e, "text": " ".join(words)} for words in copies if words]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--train", help="CSV/TSV/JSONL training file (default: stdlib task)")
     p.add_argument("--dev", help="CSV/TSV/JSONL dev file (needed with --train)")
+    p.add_argument(
+        "--augment", choices=("none", "eda"), default="none",
+        help="eda: add --augment-copies noised copies of each training text (data.augment.eda)",
+    )  # fmt: skip
+    p.add_argument("--augment-copies", type=cli.positive_int, default=4)
+    p.add_argument("--augment-alpha", type=cli.rate, default=0.1, help="share of words touched")
     common.add_args(p, "out/finetune_classify")
     args = common.parse(p, argv)
     run = common.open_run(args)
     train_ex, dev_ex = common.train_dev(
         p, args, data.read_classification, stdlib_text.classify_task
     )
+    if args.augment == "eda":
+        train_ex = augmented(train_ex, args)
     labels = data.label_vocab(train_ex)
     print(f"{len(train_ex):,} training and {len(dev_ex):,} dev examples; labels {labels}")
 

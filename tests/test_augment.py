@@ -99,3 +99,17 @@ def test_bad_augmentation_requests_are_clear_errors() -> None:
         A.token_blank(random.key(0), torch.zeros(2, 3, dtype=torch.long), 0.1, 0)
     with pytest.raises(ValueError, match="k must be >= 1"):
         A.local_shuffle(random.key(0), torch.arange(4), 0)
+
+
+def test_finetune_classify_adds_eda_copies_with_the_same_labels() -> None:
+    import argparse
+
+    from experiments import finetune_classify
+
+    examples = [{"text": "a fine and moving film", "label": "1"}, {"text": "dull", "label": "0"}]
+    args = argparse.Namespace(seed=0, augment_copies=3, augment_alpha=0.2)
+    out = finetune_classify.augmented(examples, args)
+    assert out[:2] == examples and len(out) == 2 + 3 * 2
+    assert [e["label"] for e in out[2:5]] == ["1"] * 3
+    assert all(set(e["text"].split()) <= set(examples[0]["text"].split()) for e in out[2:5])
+    assert out == finetune_classify.augmented(examples, args)  # a function of the seed
