@@ -81,3 +81,27 @@ def test_bad_attribution_requests_are_clear_errors() -> None:
         interpret.integrated_gradients(f, x, method="simpson")
     with pytest.raises(ValueError, match="no layers"):
         interpret.attention_rollout([])
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_the_logit_lens_ends_at_the_models_logits(flavour: str) -> None:
+    fields = dict(vocab_size=17, max_seq_len=8, d_model=16, n_layers=3, n_heads=2)
+    cfg = (
+        fl.models.GPTConfig.llama(**fields) if flavour == "llama" else fl.models.GPTConfig(**fields)
+    )
+    model = fl.models.GPT(cfg)
+    params = model.init(random.key(0))
+    tokens = random.randint(random.key(1), (2, 6), 0, 17)
+    valid = torch.arange(6) < torch.tensor([[6], [4]])
+    lens = interpret.logit_lens(model, params, tokens, valid)
+    assert lens.shape == (4, 2, 6, 17)
+    torch.testing.assert_close(
+        lens[-1], model.apply(params, tokens, valid=valid), rtol=1e-5, atol=1e-5
+    )
+    first = model.logits(
+        params, model.stack.finish(params, model.embed(params, tokens, torch.arange(6)))
+    )
+    torch.testing.assert_close(lens[0], first)  # layer 0: the embeddings read out directly
+    with pytest.raises(ValueError, match="inference"):
+        dropped = fl.models.GPT(fl.models.GPTConfig(**{**cfg.__dict__, "dropout": 0.1}))
+        interpret.logit_lens(dropped, params, tokens)

@@ -1,4 +1,4 @@
-"""Interpretability as pure functions: attribution of scores to inputs."""
+"""Interpretability as pure functions: attribution of scores to inputs, and the logit lens."""
 
 from functional_llm.interpret.attribution import (
     Attribution,
@@ -7,6 +7,7 @@ from functional_llm.interpret.attribution import (
     gradient_x_input,
     integrated_gradients,
 )
+from functional_llm.interpret.lens import layer_states, logit_lens
 
 __all__ = [
     "Attribution",
@@ -14,4 +15,6 @@ __all__ = [
     "gpt_token_attributions",
     "gradient_x_input",
     "integrated_gradients",
+    "layer_states",
+    "logit_lens",
 ]
