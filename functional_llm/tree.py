@@ -50,9 +50,10 @@ def _join(path: tuple) -> str:
     return ".".join(str(part) for part in path)
 
 
-def leaves(tree: PyTree) -> list[Any]:
-    """The leaves of ``tree`` in optree's canonical order (dict keys sorted)."""
-    return optree.tree_leaves(tree)
+def leaves(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
+    """The leaves of ``tree`` in optree's canonical order (dict keys sorted); ``is_leaf``
+    stops the walk at the nodes it accepts (a packed weight, say)."""
+    return optree.tree_leaves(tree, is_leaf=is_leaf)
 
 
 def structure(tree: PyTree) -> optree.PyTreeSpec:
@@ -60,9 +61,9 @@ def structure(tree: PyTree) -> optree.PyTreeSpec:
     return optree.tree_structure(tree)
 
 
-def paths(tree: PyTree) -> list[str]:
+def paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[str]:
     """Dotted path of every leaf, in the same order as :func:`leaves`."""
-    return [_join(p) for p in optree.tree_paths(tree)]
+    return [_join(p) for p in optree.tree_paths(tree, is_leaf=is_leaf)]
 
 
 def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
@@ -80,13 +81,13 @@ def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree
     return optree.tree_unflatten(spec, mapped)
 
 
-def flatten(tree: PyTree) -> dict[str, Any]:
-    """``{path: leaf}`` for every leaf, in canonical order.
+def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+    """``{path: leaf}`` for every leaf, in canonical order (``is_leaf`` as in :func:`leaves`).
 
     The inverse is :func:`unflatten`; pass ``like=`` there to restore tuples or lists
     exactly, otherwise the structure is rebuilt from the paths alone.
     """
-    return dict(zip(paths(tree), leaves(tree), strict=True))
+    return dict(zip(paths(tree, is_leaf), leaves(tree, is_leaf), strict=True))
 
 
 def unflatten(flat: dict[str, Any], like: PyTree | None = None) -> PyTree:

@@ -177,14 +177,7 @@ def quantize(
             out[path] = _int8(w2, symmetric, shape, bf16_activations)
         else:
             out[path] = _int4(w2, group, symmetric, shape, path)
-    return _rebuild(params, out)
-
-
-def _rebuild(like: Any, flat: dict[str, Any]) -> Any:
-    leaves, spec = optree.tree_flatten(like, is_leaf=is_packed)
-    return optree.tree_unflatten(
-        spec, [flat[p] for p in tree.paths(optree.tree_unflatten(spec, [0] * len(leaves)))]
-    )
+    return tree.unflatten(out, params)
 
 
 def dequantize(qparams: Any) -> Any:

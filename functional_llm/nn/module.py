@@ -68,8 +68,7 @@ def check_tree(params: Params, expected: Params, name: str = "params") -> None:
         tuple(x.shape) == tuple(w.shape) for x, w in zip(leaves, want_leaves, strict=True)
     ):
         return
-    paths = tree.paths(optree.tree_unflatten(spec, list(range(len(leaves)))))
-    got = dict(zip(paths, leaves, strict=True))
+    got = tree.flatten(params, is_leaf=is_packed)
     want = tree.flatten(expected)
     problems = [
         f"{name}.{p}: missing (expected shape {tuple(want[p].shape)})" for p in want if p not in got

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from functional_llm import random, tree
-from functional_llm.nn.module import eval_shape
+from functional_llm import tree
 
 __all__ = ["MappingError", "Rule", "from_hf", "to_hf"]
 
@@ -64,11 +63,6 @@ def hf_shape(r: Rule, shapes: Mapping[str, torch.Size]) -> tuple[int, ...]:
     return (1, *shape) if r.row else shape
 
 
-def template(model: object) -> object:
-    """The model's param tree on the meta device: structure and shapes, no memory."""
-    return eval_shape(model.init, random.key(0))  # type: ignore[attr-defined]
-
-
 def _shapes(like: object) -> dict[str, torch.Size]:
     return {path: leaf.shape for path, leaf in tree.flatten(like).items()}
 
@@ -85,7 +79,7 @@ def from_hf(
     """Our param tree for ``model`` from Hugging Face ``tensors``. Tensors in ``ignore`` (tied
     copies, buffers) may be present or not; any other tensor no rule reads is an error, as is
     one a rule needs and the checkpoint lacks, or one of the wrong shape."""
-    rules, like = list(rules), template(model)
+    rules, like = list(rules), model.shapes()  # type: ignore[attr-defined]
     shapes = _shapes(like)
     unmapped = sorted(set(shapes) - {p for r in rules for p in r.ours})
     if unmapped:  # a table bug, not a user error
@@ -118,7 +112,7 @@ def from_hf(
 def to_hf(model: object, rules: Iterable[Rule], params: object) -> dict[str, torch.Tensor]:
     """Hugging Face tensors (contiguous, unshared) from our ``params`` for ``model``."""
     flat = tree.flatten(params)
-    shapes = _shapes(template(model))
+    shapes = _shapes(model.shapes())  # type: ignore[attr-defined]
     for path, shape in shapes.items():
         got = flat.get(path)
         if got is None:
