@@ -131,7 +131,7 @@ def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tu
         if args.max_length > cfg.max_seq_len:
             print(f"--max-length {args.max_length} cut to the backbone's {cfg.max_seq_len}")
             args.max_length = cfg.max_seq_len
-        params = checkpoint.load(where / "bert.safetensors", like=saved.init(random.key(0)))
+        params = checkpoint.load(where / "bert.safetensors", like=saved.shapes())
         return tok, model, cli.to_device(params, torch.device("cpu"), cli.dtype(args))
     tok = data.SubwordTokenizer.train(texts(), args.vocab_size)
     if args.backbone == "gpt":

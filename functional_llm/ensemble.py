@@ -22,9 +22,9 @@ from typing import Any
 import optree
 import torch
 
-from functional_llm import tree
+from functional_llm import random, tree
 from functional_llm.optim.base import GradientTransformation
-from functional_llm.optim.combinators import InjectHyperparamsState
+from functional_llm.optim.combinators import InjectHyperparamsState, hyperparams
 from functional_llm.train import TrainState, init_state
 from functional_llm.types import Batch, Metrics, PyTree
 
@@ -85,8 +85,6 @@ def init_states(
     """A stacked :class:`TrainState` of ``len(keys)`` members: member ``i``'s params are
     ``init(k)`` and its run key ``k'``, where ``k, k' = split(keys[i])`` (see
     :func:`functional_llm.random.split`), exactly as a lone run from ``keys[i]`` would start."""
-    from functional_llm import random
-
     states = []
     for key in keys:
         k_init, k_run = random.split(key)
@@ -100,12 +98,13 @@ def set_hyperparams(state: TrainState, **values: Any) -> TrainState:
     inject them (:func:`~functional_llm.optim.inject_hyperparams`); a schedule recomputes its
     value every step, so only constant hyperparameters can be set this way."""
     n = members(state)
-    found = [False]
+    if not hyperparams(state.opt_state):
+        raise ValueError("set_hyperparams: the optimizer state injects no hyperparameters; "
+                         "build the optimizer with optim.inject_hyperparams(...)")  # fmt: skip
 
     def replace(node: Any) -> Any:
         if not isinstance(node, InjectHyperparamsState):
             return node
-        found[0] = True
         unknown = sorted(set(values) - set(node.hyperparams))
         if unknown:
             injected = sorted(node.hyperparams)
@@ -123,9 +122,6 @@ def set_hyperparams(state: TrainState, **values: Any) -> TrainState:
 
     is_leaf = lambda x: isinstance(x, InjectHyperparamsState)  # noqa: E731
     opt_state = optree.tree_map(replace, state.opt_state, is_leaf=is_leaf, none_is_leaf=True)
-    if not found[0]:
-        raise ValueError("set_hyperparams: the optimizer state injects no hyperparameters; "
-                         "build the optimizer with optim.inject_hyperparams(...)")  # fmt: skip
     return state._replace(opt_state=opt_state)
 
 

@@ -48,20 +48,18 @@ class _Program(torch.nn.Module):
 
     def __init__(self, fn: Callable[..., Any], params: Any, params_as: ParamsAs) -> None:
         super().__init__()
-        self.fn, self.params_as, self.like = fn, params_as, params
-        self.names = list(tree.flatten(params)) if params_as == "constants" else []
-        for i, (name, leaf) in enumerate(tree.flatten(params).items()):
-            if params_as == "constants":
-                self.register_buffer(f"p{i}_{name.replace('.', '_')}", leaf.detach())
+        self.fn, self.params_as, self.spec = fn, params_as, tree.structure(params)
+        self.buffer_names: list[str] = []
+        if params_as == "constants":
+            for i, (path, leaf) in enumerate(tree.flatten(params).items()):
+                self.buffer_names.append(f"p{i}_{path.replace('.', '_')}")
+                self.register_buffer(self.buffer_names[-1], leaf.detach())
 
     def forward(self, *args: Any) -> Any:
         if self.params_as == "inputs":
             return self.fn(*args)
-        buffers = dict(self.named_buffers())
-        flat = {
-            name: buffers[f"p{i}_{name.replace('.', '_')}"] for i, name in enumerate(self.names)
-        }
-        return self.fn(tree.unflatten(flat, self.like), *args)
+        leaves = [getattr(self, name) for name in self.buffer_names]
+        return self.fn(optree.tree_unflatten(self.spec, leaves), *args)
 
 
 def export(

@@ -22,6 +22,7 @@ import torch
 
 from functional_llm import random, tree
 from functional_llm.testing.trees import assert_trees_close, assert_trees_equal
+from functional_llm.train import value_and_grad
 
 __all__ = [
     "check_batch_independence",
@@ -132,30 +133,26 @@ def check_gradients(
     ``directions`` random directions: ``(L(p + e v) - L(p - e v)) / 2e = <grad L, v>``.
     Params are cast to float64 first (so the model must accept float64 params)."""
     p64 = tree.map(lambda x: x.double() if x.is_floating_point() else x, params)
-    floating = tree.map(lambda x: x.is_floating_point(), p64)
-    leaves = [x for x, f in zip(tree.leaves(p64), tree.leaves(floating), strict=True) if f]
-    with torch.enable_grad():
-        live = [x.detach().requires_grad_() for x in leaves]
-        value = loss(_replace_floating(p64, live))
-        grads = torch.autograd.grad(value, live, allow_unused=True, materialize_grads=True)
+    (_, _), grads = value_and_grad(lambda p: (loss(p), {}))(p64)
+    leaves, spec = optree.tree_flatten(p64)
+    grad_leaves = optree.tree_leaves(grads, none_is_leaf=True)  # None where not floating
+    n_floating = sum(x.is_floating_point() for x in leaves)
     for d, k in enumerate(random.split(key, directions)):
-        v = [
-            random.normal(kk, x.shape, dtype=torch.float64)
-            for kk, x in zip(random.split(k, len(live)), live, strict=True)
-        ]
-        plus = loss(_replace_floating(p64, [x + eps * u for x, u in zip(leaves, v, strict=True)]))
-        minus = loss(_replace_floating(p64, [x - eps * u for x, u in zip(leaves, v, strict=True)]))
-        numeric = float((plus - minus) / (2 * eps))
-        analytic = float(sum((g * u).sum() for g, u in zip(grads, v, strict=True)))
+        draws = iter(random.split(k, n_floating))
+        v = [random.normal(next(draws), x.shape, dtype=torch.float64)
+             if x.is_floating_point() else None for x in leaves]  # fmt: skip
+
+        def moved(step: float, v: list = v) -> Any:
+            return optree.tree_unflatten(
+                spec, [x if u is None else x + step * u for x, u in zip(leaves, v, strict=True)]
+            )
+
+        numeric = float((loss(moved(eps)) - loss(moved(-eps))) / (2 * eps))
+        pairs = zip(grad_leaves, v, strict=True)
+        analytic = float(sum((g * u).sum() for g, u in pairs if u is not None))
         if abs(numeric - analytic) > atol + rtol * abs(numeric):
             raise AssertionError(f"direction {d}: finite differences give {numeric!r}, the "
                                  f"gradient {analytic!r}")  # fmt: skip
-
-
-def _replace_floating(tree_: Any, new: list[torch.Tensor]) -> Any:
-    leaves, spec = optree.tree_flatten(tree_)
-    it = iter(new)
-    return optree.tree_unflatten(spec, [next(it) if x.is_floating_point() else x for x in leaves])
 
 
 def check_optimizer_pure(optimizer: Any, params: Any, grads: Any) -> None:

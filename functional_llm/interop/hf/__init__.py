@@ -12,6 +12,7 @@ are read; ``transformers`` is not needed to load or save (it is the reference in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> tuple[
     floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
     dtype = dtype or (floating[0] if floating else torch.float32)
     config = family.config_from_hf(hf)
-    config = type(config)(**{**config.__dict__, "dtype": dtype})
+    config = dataclasses.replace(config, dtype=dtype)
     model = family.make_model(config)
     params = from_hf(
         model,
