@@ -1,8 +1,10 @@
 """Attribution against captum (the field's reference) and against its own definitions:
-integrated gradients and gradient x input on an MLP, completeness on a GPT's token
-embeddings, attention rollout on weights a GPT returns."""
+integrated gradients and gradient x input on an MLP, completeness on every family's token
+embeddings, attention rollout on a GPT's captured weights; the logit and tuned lenses."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -39,22 +41,56 @@ def test_gradient_x_input_equals_captums() -> None:
     torch.testing.assert_close(interpret.gradient_x_input(f, x).values, theirs.detach())
 
 
-def test_token_attributions_of_a_gpt_are_complete() -> None:
-    cfg = fl.models.GPTConfig(vocab_size=17, max_seq_len=8, d_model=16, n_layers=2, n_heads=2,
-                              dtype=torch.float64)  # fmt: skip
-    model = fl.models.GPT(cfg)
+@pytest.mark.parametrize("family", ["gpt", "bert-classifier", "seq2seq"])
+def test_token_attributions_are_complete_for_every_family(family: str) -> None:
+    f64 = {"dtype": torch.float64}
+    tokens = random.randint(random.key(1), (2, 6), 0, 17)
+    if family == "gpt":
+        model = fl.models.GPT(fl.models.GPTConfig(vocab_size=17, max_seq_len=8, d_model=16,
+                                                  n_layers=2, n_heads=2, **f64))  # fmt: skip
+        inputs, embedding = (tokens,), "embed"
+        nxt = random.randint(random.key(2), (2,), 0, 17)
+        target = interpret.log_prob(nxt)  # log p(next token | the 6 tokens)
+    elif family == "bert-classifier":
+        small = {"vocab_size": 17, "max_seq_len": 8, "d_model": 16, "n_layers": 2, "d_ff": 32}
+        bert = fl.models.BERT(fl.models.BERTConfig(n_heads=2, **small, **f64))
+        model = fl.nn.inference(fl.models.SequenceClassifier(bert, num_labels=3))
+        inputs, embedding, target = (tokens,), "embed", interpret.log_prob(2, position=None)
+    else:
+        model = fl.nn.inference(fl.models.Transformer(fl.models.TransformerConfig(
+            src_vocab_size=17, tgt_vocab_size=13, d_model=16, nhead=2, num_encoder_layers=1,
+            num_decoder_layers=1, dim_feedforward=32, max_seq_len=8, activation="gelu",
+            **f64)))  # fmt: skip
+        inputs, embedding = (tokens, tokens[:, :4] % 13), "src_embed"
+        target = interpret.log_prob(5)  # which source words made the 5th target word
+    params = model.init(random.key(0))
+    ig = interpret.token_attributions(model, params, *inputs, target=target, embedding=embedding,
+                                      steps=32)  # fmt: skip
+    assert ig.values.shape == (2, 6)
+    assert float(ig.delta.abs().max()) < 1e-6  # sum of attributions = f(x) - f(zero embedding)
+    gxi = interpret.token_attributions(model, params, *inputs, target=target,
+                                       embedding=embedding, method="gradient_x_input")  # fmt: skip
+    assert gxi.values.shape == (2, 6) and bool(torch.isfinite(gxi.values).all())
+
+
+def test_gpt_token_attributions_match_integrated_gradients_by_hand() -> None:
+    """Against the definition: IG over the token part of the embedding, positions fixed."""
+    cfg = fl.models.GPTConfig(vocab_size=17, max_seq_len=8, d_model=16, n_layers=2, n_heads=2)
+    model = fl.models.GPT(dataclasses.replace(cfg, dtype=torch.float64))
     params = model.init(random.key(0))
     tokens = random.randint(random.key(1), (2, 6), 0, 17)
-    nxt = random.randint(random.key(2), (2,), 0, 17)
+    target = interpret.log_prob(4)
+    positions = torch.arange(6)
+    token_part = params["embed"]["table"][tokens]
+    rest = model.embed(params, tokens, positions) - token_part
 
-    def target(logits: torch.Tensor) -> torch.Tensor:  # log p(next token | the 6 tokens)
-        return torch.log_softmax(logits[:, -1], -1).gather(-1, nxt[:, None]).squeeze(-1)
+    def f(e: torch.Tensor) -> torch.Tensor:
+        h = model.stack.apply(params, e + rest, causal=True, positions=positions)
+        return target(model.logits(params, h))
 
-    ig = interpret.gpt_token_attributions(model, params, tokens, target, steps=32)
-    assert ig.values.shape == (2, 6)
-    assert float(ig.delta.abs().max()) < 1e-6
-    gxi = interpret.gpt_token_attributions(model, params, tokens, target, method="gradient_x_input")
-    assert gxi.values.shape == (2, 6) and bool(torch.isfinite(gxi.values).all())
+    want = interpret.integrated_gradients(f, token_part, steps=16).values.sum(-1)
+    got = interpret.token_attributions(model, params, tokens, target=target, steps=16).values
+    torch.testing.assert_close(got, want)
 
 
 def test_attention_rollout_follows_its_definition() -> None:
@@ -62,8 +98,7 @@ def test_attention_rollout_follows_its_definition() -> None:
     model = fl.models.GPT(cfg)
     params = model.init(random.key(0))
     tokens = random.randint(random.key(1), (1, 5), 0, 17)
-    _, weights = model.hidden_states(params, tokens, return_weights=True)
-    weights = [layer["attn"] for layer in weights]  # (B, heads, T, T) per layer
+    weights = interpret.attention_weights(model, params, tokens)  # (B, heads, T, T) per layer
     rollout = interpret.attention_rollout(weights)
     eye = torch.eye(5)
     a = [(0.5 * eye + 0.5 * w.mean(1)) for w in weights]
@@ -81,6 +116,14 @@ def test_bad_attribution_requests_are_clear_errors() -> None:
         interpret.integrated_gradients(f, x, method="simpson")
     with pytest.raises(ValueError, match="no layers"):
         interpret.attention_rollout([])
+    gpt = fl.models.GPT(fl.models.GPTConfig(vocab_size=17, max_seq_len=8, d_model=8, n_layers=1,
+                                            n_heads=2))  # fmt: skip
+    params, tokens = gpt.init(random.key(0)), torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"target \[17\] is outside the 17 scores \(0\.\.16\)"):
+        interpret.token_attributions(gpt, params, tokens, target=interpret.log_prob(17))
+    with pytest.raises(ValueError, match=r"no single embedding 'word' in the params; .*'embed'"):
+        interpret.token_attributions(gpt, params, tokens, target=interpret.log_prob(1),
+                                     embedding="word")  # fmt: skip
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
@@ -93,7 +136,7 @@ def test_the_logit_lens_ends_at_the_models_logits(flavour: str) -> None:
     params = model.init(random.key(0))
     tokens = random.randint(random.key(1), (2, 6), 0, 17)
     valid = torch.arange(6) < torch.tensor([[6], [4]])
-    lens = interpret.logit_lens(model, params, tokens, valid)
+    lens = interpret.logit_lens(model, params, tokens, valid=valid)
     assert lens.shape == (4, 2, 6, 17)
     torch.testing.assert_close(
         lens[-1], model.apply(params, tokens, valid=valid), rtol=1e-5, atol=1e-5
@@ -105,3 +148,35 @@ def test_the_logit_lens_ends_at_the_models_logits(flavour: str) -> None:
     with pytest.raises(ValueError, match="inference"):
         dropped = fl.models.GPT(fl.models.GPTConfig(**{**cfg.__dict__, "dropout": 0.1}))
         interpret.logit_lens(dropped, params, tokens)
+
+
+def test_a_fitted_tuned_lens_reads_layers_better_than_the_logit_lens() -> None:
+    """On held-out batches of a trained model, the fitted translators' KL to the final layer is
+    below the logit lens's (their starting point), and the last layer stays the logits."""
+    cfg = fl.models.GPTConfig(vocab_size=13, max_seq_len=12, d_model=16, n_layers=3, n_heads=2)
+    model = fl.models.GPT(cfg)
+    data = torch.arange(400) * 7 % 13  # a cyclic sequence the model learns
+    windows = lambda at: torch.stack([data[i : i + 12] for i in at])  # noqa: E731
+    params = model.init(random.key(0))
+    step = fl.train.make_step(fl.losses.next_token(model), fl.optim.adam(3e-3))
+    state = fl.train.init_state(params, fl.optim.adam(3e-3), random.key(1))
+    for s in range(60):
+        state, _ = step(state, {"tokens": windows(range(s % 20, 380, 40))})
+    params = state.params
+    batches = [((windows(range(s % 30, 300, 29)),), {}) for s in range(150)]
+    lens, _ = interpret.fit_tuned_lens(model, params, batches,
+                                            optimizer=fl.optim.adam(1e-2))  # fmt: skip
+    held = windows(range(305, 380, 3))
+    start = interpret.init_tuned_lens(model, params)
+    states = interpret.hidden_states(model, params, held)
+    weight = torch.ones(held.shape)
+    before = float(interpret.lens.lens_loss(model, params, start, states, weight))
+    after = float(interpret.lens.lens_loss(model, params, lens, states, weight))
+    assert after < 0.7 * before, (before, after)
+    tuned = interpret.tuned_lens(model, params, lens, held)
+    torch.testing.assert_close(tuned[-1], model.apply(params, held))
+    torch.testing.assert_close(interpret.tuned_lens(model, params, start, held),
+                               interpret.logit_lens(model, params, held))  # fmt: skip
+    with pytest.raises(ValueError, match=r"do not fit a model of 3 layers and width 16"):
+        interpret.tuned_lens(model, params, {"weight": torch.zeros(2, 16, 16),
+                                             "bias": torch.zeros(2, 16)}, held)  # fmt: skip

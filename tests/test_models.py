@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import functional_llm as fl
 from functional_llm import models, nn, random, testing
+from functional_llm.nn import taps
 from tests.models_zoo import DECODERS, VOCAB, bert, gpt2, llama, tokens, transformer
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -226,15 +227,14 @@ def test_bad_inputs_name_the_argument_and_shapes():
         model.apply(p, torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_gpt_returns_each_layers_attention_weights_for_inspection():
+def test_gpt_attention_weights_are_captured_for_inspection():
     model = llama()
     params = model.init(random.key(0))
     x = tokens(0, (2, 7))
-    h, weights = model.hidden_states(params, x, return_weights=True)
+    h, acts = taps.capture(model.hidden_states, params, x, only="blocks.*.attn.weights")
     torch.testing.assert_close(h, model.hidden_states(params, x), **TOL)
-    assert len(weights) == model.config.n_layers
-    for layer in weights:
-        w = layer["attn"]
+    assert len(acts) == model.config.n_layers
+    for w in acts.values():
         assert w.shape == (2, model.config.n_heads, 7, 7)
         torch.testing.assert_close(w.sum(-1), torch.ones(2, model.config.n_heads, 7), **TOL)
         assert (w.triu(1) == 0).all()  # causal: no weight on future tokens

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import functional_llm as fl
 from functional_llm import nn, random
+from functional_llm.nn import taps
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 seeds = st.integers(0, 2**32 - 1)
@@ -133,7 +134,7 @@ def test_padded_keys_never_change_other_positions(seed, length, data):
 
 
 @given(seed=seeds, causal=st.booleans())
-def test_returned_weights_are_the_softmax_used(seed, causal):
+def test_captured_weights_are_the_softmax_used(seed, causal):
     attn = nn.MultiHeadAttention(d_model=8, n_heads=2)
     p = attn.init(random.key(seed))
     x, mem = (
@@ -141,14 +142,15 @@ def test_returned_weights_are_the_softmax_used(seed, causal):
         random.normal(random.key(seed + 2), (2, 6, 8)),
     )
     valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
-    y, w = attn.apply(p, x, mem, mask=nn.key_padding_mask(valid), return_weights=True)
-    assert w.shape == (2, 2, 4, 6)
+    y, acts = taps.capture(attn.apply, p, x, mem, mask=nn.key_padding_mask(valid))
+    w = acts["weights"]
+    assert w.shape == (2, 2, 4, 6) and acts["heads"].shape == (2, 4, 2, 4)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 4), **TOL)
     assert (w[1, ..., 3:] == 0).all()
     torch.testing.assert_close(y, attn.apply(p, x, mem, mask=nn.key_padding_mask(valid)), **TOL)
-    y, w = attn.apply(p, x, causal=causal, return_weights=True)
+    _, acts = taps.capture(attn.apply, p, x, causal=causal)
     if causal:
-        assert (w.triu(1) == 0).all()
+        assert (acts["weights"].triu(1) == 0).all()
 
 
 def test_attention_dropout_needs_a_key():

@@ -7,7 +7,8 @@
 Integrated gradients (Sundararajan et al. 2017) are complete: ``sum_i a_i = f(x) - f(x')`` up to
 the quadrature's error; :func:`integrated_gradients` returns that error so it can be checked.
 The integral is taken with the trapezoid rule or Gauss-Legendre nodes, as captum does.
-:func:`gpt_token_attributions` applies them to a GPT's token embeddings (positions held fixed).
+:func:`token_attributions` applies them to any model's token embeddings (positions held fixed),
+through the embedding's tap: a classifier's label, an LM's next token, a translation's word.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from functional_llm.nn.taps import capture
+
 __all__ = [
     "Attribution",
     "attention_rollout",
-    "gpt_token_attributions",
     "gradient_x_input",
     "integrated_gradients",
+    "log_prob",
+    "token_attributions",
 ]
 
 Scores = Callable[[torch.Tensor], torch.Tensor]
@@ -104,35 +108,67 @@ def attention_rollout(weights: list[torch.Tensor], residual: float = 0.5) -> tor
     return rollout  # type: ignore[return-value]
 
 
-def gpt_token_attributions(
+def log_prob(index: int | torch.Tensor, position: int | None = -1) -> Scores:
+    """A target for attribution: ``log softmax(out)[..., index]`` per example, at sequence
+    ``position`` of ``(B, T, V)`` logits (an LM's next token), or of ``(B, C)`` scores with
+    ``position=None`` (a classifier's label). ``index`` is one id or ``(B,)`` ids; an id
+    outside the scores' range is an error naming both."""
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        scores = out if position is None else out[:, position]
+        idx = torch.as_tensor(index, device=scores.device).expand(scores.shape[0])
+        size = scores.shape[-1]
+        if bool(((idx < 0) | (idx >= size)).any()):
+            raise ValueError(
+                f"attribution target {idx.tolist()} is outside the {size} scores (0..{size - 1})"
+            )
+        wide = scores if scores.dtype == torch.float64 else scores.float()
+        return torch.log_softmax(wide, -1).gather(-1, idx[:, None]).squeeze(-1)
+
+    return target
+
+
+def token_attributions(
     model: Any,
     params: Any,
-    tokens: torch.Tensor,
-    target: Callable[[torch.Tensor], torch.Tensor],
-    *,
+    *inputs: Any,
+    target: Scores,
+    embedding: str = "embed",
     method: str = "integrated_gradients",
     steps: int = 50,
+    **kwargs: Any,
 ) -> Attribution:
-    """Attributions ``(B, T)`` of a GPT's token embeddings to ``target(logits) -> (B,)`` (e.g.
-    the log-probability of the next token), summed over the embedding dim. Position
-    embeddings are held fixed; the baseline is the zero embedding."""
-    if model.config.dropout:
-        raise ValueError("gpt_token_attributions: evaluate fl.nn.inference(model)")
-    positions = torch.arange(tokens.shape[-1])
-    table = params["embed"]["table"]
-    token_part = table[tokens]
-    rest = (model.embed(params, tokens, positions) - token_part).detach()
+    """Attributions ``(B, T)`` of ``target(model.apply(params, *inputs, **kwargs)) -> (B,)`` to
+    each token, through its token embedding (the ``<embedding>.output`` tap: the lookup alone,
+    positions and segments held fixed), summed over the embedding dim. The baseline is the
+    zero embedding. ``embedding`` is the table's name in the params (``"embed"``; the
+    encoder-decoder's ``"src_embed"`` or ``"tgt_embed"``); a task head's backbone is found."""
+    if getattr(getattr(model, "config", None), "dropout", 0.0):
+        raise ValueError("token_attributions: evaluate fl.nn.inference(model), without dropout")
+    site = _embedding_site(model, params, inputs, kwargs, embedding)
+    _, acts = capture(model.apply, params, *inputs, only=site, **kwargs)
 
     def f(e: torch.Tensor) -> torch.Tensor:
-        h = model.stack.apply(params, e + rest, causal=True, positions=positions)
-        return target(model.logits(params, h))
+        return target(capture(model.apply, params, *inputs, only=(), patch={site: e}, **kwargs)[0])
 
+    x = acts[site].detach()
     if method == "integrated_gradients":
-        out = integrated_gradients(f, token_part.detach(), steps=steps)
+        out = integrated_gradients(f, x, steps=steps)
     elif method == "gradient_x_input":
-        out = gradient_x_input(f, token_part.detach())
+        out = gradient_x_input(f, x)
     else:
         raise ValueError(
             f"method must be 'integrated_gradients' or 'gradient_x_input', got {method!r}"
         )
     return Attribution(out.values.sum(-1), out.delta)
+
+
+def _embedding_site(model: Any, params: Any, inputs: tuple, kwargs: dict, embedding: str) -> str:
+    with torch.no_grad():
+        _, acts = capture(model.apply, params, *inputs, only="*.output", **kwargs)
+    name = f"{embedding}.output"
+    found = [s for s in acts if s == name or s.endswith(f".{name}")]
+    if len(found) != 1:
+        tables = sorted(s[: -len(".output")] for s in acts if s.endswith("embed.output"))
+        raise ValueError(f"no single embedding {embedding!r} in the params; they have {tables}")
+    return found[0]

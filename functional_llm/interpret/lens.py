@@ -1,49 +1,157 @@
-"""The logit lens (nostalgebraist 2020): each layer's residual stream read out as if it were
-the last, through the model's final norm and unembedding.
+"""Lenses: each layer's residual stream read out as if it were the last.
 
-    logits_l = unembed(norm(h_l)),   h_0 = embed(tokens),  h_l = block_l(h_{l-1})
+Logit lens (nostalgebraist 2020), through the model's own final norm and unembedding:
 
-For a GPT, ``logit_lens`` gives ``(n_layers + 1, B, T, vocab)``; its last entry is ``apply``'s
-logits. It runs the blocks one by one through the model's own public pieces (``embed``,
-``block``, ``stack.finish``, ``logits``), so it needs no change to the model.
+    logits_l = readout(h_l),   h_0 = the first block's input,  h_l = block_l(h_{l-1})
+
+Tuned lens (Belrose et al. 2023): one affine translator per layer, fitted so that its readout
+matches the model's final distribution,
+
+    logits_l = readout(h_l + A_l h_l + b_l),   min_{A, b} sum_l KL(p_L || softmax(logits_l)),
+
+with ``A_l = 0, b_l = 0`` at the start (the logit lens) and the last layer left as it is.
+
+``readout`` is a GPT's final norm and unembedding, BERT's masked-LM head, or the encoder-
+decoder's decoder norm and output projection. Results are ``(n_layers + 1, ..., vocab)``; the
+last entry equals the model's own logits.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
-from functional_llm.nn import key_padding_mask
-from functional_llm.nn.positions import positions_like
+from functional_llm import models, optim, tree
+from functional_llm.interpret.intermediates import hidden_states, n_layers
+from functional_llm.types import Params
 
-__all__ = ["layer_states", "logit_lens"]
-
-
-def layer_states(
-    model: Any, params: Any, tokens: torch.Tensor, valid: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """A GPT's residual stream before the first block and after each: ``n_layers + 1``
-    tensors ``(B, T, d_model)`` (no final norm)."""
-    if model.config.dropout:
-        raise ValueError("layer_states: evaluate fl.nn.inference(model)")
-    positions = positions_like(tokens)
-    h = model.embed(params, tokens, positions)
-    mask = None if valid is None else key_padding_mask(valid)
-    states = [h]
-    for block_params in params["blocks"]:
-        h = cast(
-            torch.Tensor,
-            model.block.apply(block_params, h, mask=mask, causal=True, positions=positions),
-        )
-        states.append(h)
-    return states
+__all__ = ["fit_tuned_lens", "init_tuned_lens", "logit_lens", "readout", "tuned_lens"]
 
 
-def logit_lens(
-    model: Any, params: Any, tokens: torch.Tensor, valid: torch.Tensor | None = None
+def readout(model: Any, params: Params, h: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of residual-stream states ``h: (..., d_model)`` through the model's
+    last pieces: a GPT's final norm and unembedding, BERT's MLM head, or the encoder-decoder's
+    decoder norm and output projection."""
+    if isinstance(model, models.GPT):
+        return model.logits(params, model.stack.finish(params, h))
+    if isinstance(model, models.BERT):
+        return model.mlm_logits(params, model.stack.finish(params, h))
+    if isinstance(model, models.Transformer):
+        return model.logits(params, model.core.decoder.finish(params["decoder"], h))
+    raise TypeError(
+        f"a lens reads a GPT, a BERT or a Transformer out through its vocabulary; got "
+        f"{type(model).__name__}"
+    )
+
+
+def _check_dropout(model: Any, name: str) -> None:
+    if getattr(model.config, "dropout", 0.0):
+        raise ValueError(f"{name}: evaluate fl.nn.inference(model), without dropout")
+
+
+def logit_lens(model: Any, params: Params, *inputs: Any, **kwargs: Any) -> torch.Tensor:
+    """``(n_layers + 1, ..., T, vocab)``: every layer's state through :func:`readout`.
+    ``*inputs, **kwargs`` are ``model.apply``'s (a GPT's tokens, BERT's tokens, the
+    encoder-decoder's source and target)."""
+    _check_dropout(model, "logit_lens")
+    states = hidden_states(model, params, *inputs, **kwargs)
+    return torch.stack([readout(model, params, h) for h in states])
+
+
+def init_tuned_lens(model: Any, params: Params) -> Params:
+    """Translators that start as the identity: ``{"weight": (L, d, d), "bias": (L, d)}`` zeros
+    for the states before the last (``L`` = the number of blocks; the decoder's, for the
+    encoder-decoder)."""
+    like = tree.leaves(params)[0]
+    d, n = model.config.d_model, n_layers(params)
+    return {
+        "weight": torch.zeros(n, d, d, dtype=like.dtype, device=like.device),
+        "bias": torch.zeros(n, d, dtype=like.dtype, device=like.device),
+    }
+
+
+def _translated(lens: Params, states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    moved = [h + h @ lens["weight"][i].T + lens["bias"][i] for i, h in enumerate(states[:-1])]
+    return [*moved, states[-1]]
+
+
+def tuned_lens(
+    model: Any, params: Params, lens: Params, *inputs: Any, **kwargs: Any
 ) -> torch.Tensor:
-    """``(n_layers + 1, B, T, vocab)``: every layer's state through the final norm and the
-    unembedding."""
-    states = layer_states(model, params, tokens, valid)
-    return torch.stack([model.logits(params, model.stack.finish(params, h)) for h in states])
+    """``(n_layers + 1, ..., T, vocab)``: each state through its translator, then
+    :func:`readout` (the last state untranslated: the model's logits)."""
+    _check_dropout(model, "tuned_lens")
+    _check_lens(model, params, lens)
+    states = hidden_states(model, params, *inputs, **kwargs)
+    return torch.stack([readout(model, params, h) for h in _translated(lens, states)])
+
+
+def _check_lens(model: Any, params: Params, lens: Params) -> None:
+    d, n = model.config.d_model, n_layers(params)
+    if tuple(lens["weight"].shape) != (n, d, d) or tuple(lens["bias"].shape) != (n, d):
+        raise ValueError(
+            f"lens: weight {tuple(lens['weight'].shape)} and bias {tuple(lens['bias'].shape)} "
+            f"do not fit a model of {n} layers and width {d}: expected {(n, d, d)} and {(n, d)}"
+        )
+
+
+def lens_loss(
+    model: Any, params: Params, lens: Params, states: Sequence[torch.Tensor], weight: torch.Tensor
+) -> torch.Tensor:
+    """``sum_l KL(p_L || p_l)`` averaged over the tokens where ``weight`` (``(..., T)``) is 1."""
+    final = torch.log_softmax(readout(model, params, states[-1]).float(), -1)
+    total = torch.zeros((), dtype=final.dtype, device=final.device)
+    for h in _translated(lens, states)[:-1]:
+        logp = torch.log_softmax(readout(model, params, h).float(), -1)
+        kl = (final.exp() * (final - logp)).sum(-1)
+        total = total + (kl * weight).sum() / weight.sum()
+    return total
+
+
+def fit_tuned_lens(
+    model: Any,
+    params: Params,
+    batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+    *,
+    optimizer: optim.GradientTransformation | None = None,
+    lens: Params | None = None,
+    weight: Callable[..., torch.Tensor] | None = None,
+) -> tuple[Params, list[float]]:
+    """Fit the translators on ``batches`` of ``(inputs, kwargs)`` for ``model.apply`` (one
+    optimizer step each; the model is frozen). Returns the lens and the loss before each step.
+
+    ``optimizer`` defaults to ``optim.adam(1e-3)``; ``weight(*inputs, **kwargs) -> (..., T)``
+    says which positions count (by default the ``valid`` keyword where given, else all).
+    """
+    _check_dropout(model, "fit_tuned_lens")
+    opt = optimizer or optim.adam(1e-3)
+    fitted: Params = init_tuned_lens(model, params) if lens is None else lens
+    _check_lens(model, params, fitted)
+    state = opt.init(fitted)
+    losses = []
+    for inputs, kwargs in batches:
+        with torch.no_grad():
+            states = [h.detach() for h in hidden_states(model, params, *inputs, **kwargs)]
+        w = _weight(weight, states[0], inputs, kwargs)
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in fitted.items()}
+            loss = lens_loss(model, params, leaves, states, w)
+            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+        updates, state = opt.update(grads, state, fitted)
+        fitted = optim.apply_updates(fitted, updates)
+        losses.append(float(loss.detach()))
+    return fitted, losses
+
+
+def _weight(
+    weight: Callable[..., torch.Tensor] | None,
+    h: torch.Tensor,
+    inputs: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    if weight is not None:
+        return weight(*inputs, **kwargs).to(h.dtype)
+    valid = kwargs.get("valid", kwargs.get("tgt_valid"))
+    return torch.ones(h.shape[:-1], dtype=h.dtype) if valid is None else valid.to(h.dtype)

@@ -10,7 +10,7 @@ nsp_logits = W_nsp pooled + b_nsp                              is-next-sentence 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import torch
 
@@ -186,7 +186,7 @@ class BERT(Layer):
         k_embed, k_stack = maybe_split(key)
         h = self.embed(params, tokens, token_types, key=k_embed)
         mask = None if valid is None else key_padding_mask(valid)
-        h = cast(torch.Tensor, self.stack.apply(params, h, mask=mask, key=k_stack))
+        h = self.stack.apply(params, h, mask=mask, key=k_stack)
         return BERTOutput(h, self.pool(params, h))
 
     def embed(
@@ -220,7 +220,7 @@ class BERT(Layer):
             self.config.n_layers,
             n_stages,
             embed=lambda p, tokens: self.embed(p, tokens),
-            block=lambda p, h: cast(torch.Tensor, self.stack.block.apply(p, h)),
+            block=lambda p, h: self.stack.block.apply(p, h),
             head=self.mlm_logits,
             embed_params=("embed", "pos", "types", "embed_norm"),
             head_params=("mlm", "embed"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast, get_args
+from typing import Any, get_args
 
 import torch
 
@@ -214,8 +214,7 @@ class GPT(Layer):
         valid: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list]:
+    ) -> torch.Tensor:
         """Final-norm hidden states ``(..., T, d_model)`` for ``tokens: (..., T)``.
 
         ``valid`` (``(..., T)`` bool, True for real tokens) hides padding from attention;
@@ -229,15 +228,7 @@ class GPT(Layer):
         pos = positions_like(tokens) if positions is None else positions
         h = self.embed(params, tokens, pos, key=k_embed)
         mask = None if valid is None else key_padding_mask(valid)
-        return self.stack.apply(
-            params,
-            h,
-            mask=mask,
-            causal=True,
-            positions=pos,
-            key=k_stack,
-            return_weights=return_weights,
-        )
+        return self.stack.apply(params, h, mask=mask, causal=True, positions=pos, key=k_stack)
 
     def embed(
         self,
@@ -274,7 +265,7 @@ class GPT(Layer):
     ) -> torch.Tensor:
         """Next-token logits ``(..., T, vocab)``: position ``t`` sees ``tokens[..., :t+1]`` only."""
         h = self.hidden_states(params, tokens, valid=valid, positions=positions, key=key)
-        return self.logits(params, cast(torch.Tensor, h))
+        return self.logits(params, h)
 
     def stages(self, n_stages: int) -> list[Stage]:
         """The model cut into ``n_stages`` pipeline stages by blocks
@@ -287,7 +278,7 @@ class GPT(Layer):
             c.n_layers,
             n_stages,
             embed=lambda p, tokens: self.embed(p, tokens, positions_like(tokens)),
-            block=lambda p, h: cast(torch.Tensor, self.block.apply(p, h, causal=True)),
+            block=lambda p, h: self.block.apply(p, h, causal=True),
             head=lambda p, h: self.logits(p, self.stack.finish(p, h)),
             embed_params=("embed", "pos"),
             head_params=("norm", "embed" if c.tie_embeddings else "unembed"),

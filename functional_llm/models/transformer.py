@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 
@@ -197,9 +197,7 @@ class Transformer(Layer):
         k_embed, k_enc = maybe_split(key)
         mask = None if src_valid is None else key_padding_mask(src_valid)
         h = self.embed(params, "src", src, k_embed)
-        return cast(
-            torch.Tensor, self.core.encoder.apply(params["encoder"], h, mask=mask, key=k_enc)
-        )
+        return self.core.encoder.apply(params["encoder"], h, mask=mask, key=k_enc)
 
     def decode(
         self,
@@ -224,7 +222,7 @@ class Transformer(Layer):
             memory_mask=None if src_valid is None else key_padding_mask(src_valid),
             key=k_dec,
         )
-        return self.logits(params, cast(torch.Tensor, h))
+        return self.logits(params, h)
 
     def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Decoder states to logits: tied to the target embedding, or the ``out`` projection."""
@@ -279,13 +277,11 @@ class Transformer(Layer):
                 if first:
                     src, tgt = self.embed(p, "src", src, None), self.embed(p, "tgt", tgt, None)
                 for block_params in p["encoder"]["blocks"]:
-                    src = cast(torch.Tensor, core.encoder.block.apply(block_params, src))
+                    src = core.encoder.block.apply(block_params, src)
                 if starts_decoder:
                     src = core.encoder.finish(p["encoder"], src)  # the memory from here on
                 for block_params in p["decoder"]["blocks"]:
-                    tgt = cast(
-                        torch.Tensor, core.decoder.block.apply(block_params, tgt, src, causal=True)
-                    )
+                    tgt = core.decoder.block.apply(block_params, tgt, src, causal=True)
                 if not last:
                     return src, tgt
                 return self.logits(p, core.decoder.finish(p["decoder"], tgt))

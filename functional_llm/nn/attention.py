@@ -4,8 +4,8 @@ Self- and cross-attention, causal and key-padding masks, multi-head, multi-query
 grouped-query attention (``n_kv_heads`` = ``n_heads``, 1, or a divisor of it), and rotary
 positions on queries and keys. The fast path is
 ``torch.nn.functional.scaled_dot_product_attention``; the explicit path (same math) runs when
-the attention weights are asked for or attention dropout is on, since SDPA's own dropout
-would read the global RNG.
+the attention weights are captured (the ``weights`` tap, :mod:`functional_llm.nn.taps`) or
+attention dropout is on, since SDPA's own dropout would read the global RNG.
 
 Masks follow SDPA and JAX: a boolean ``mask`` is True where a query *may* attend, and
 broadcasts to ``(..., heads, T_q, T_k)``. :func:`key_padding_mask` and :func:`causal_mask`
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from functional_llm.nn.dropout import dropout
 from functional_llm.nn.linear import Linear
 from functional_llm.nn.module import Layer, Params, axes_of, init_all
 from functional_llm.nn.positions import RopeScaling, positions_like, rope
+from functional_llm.nn.taps import tap, watched
 
 __all__ = ["MultiHeadAttention", "causal_mask", "key_padding_mask"]
 
@@ -128,16 +128,16 @@ class MultiHeadAttention(Layer):
         causal: bool = False,
         positions: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """Attend from ``x: (..., T, d_model)`` to ``context: (..., S, kv_dim)`` (``x`` itself if
         None). ``positions`` (default ``0..T-1``) drive rotary embeddings in self-attention.
-        With ``return_weights`` also returns the ``(..., heads, T, S)`` attention weights."""
+        Taps (:mod:`functional_llm.nn.taps`): ``weights`` ``(..., heads, T, S)`` and ``heads``
+        ``(..., T, heads, head_dim)``."""
         q, k, v = self._project(params, x, context, positions)
         if causal:
             tri = causal_mask(q.shape[-2], k.shape[-2], x.device)
             mask = tri if mask is None else mask & tri
-        return self._attend(params, q, k, v, mask, key, return_weights)
+        return self._attend(params, q, k, v, mask, key)
 
     def apply_cached(
         self,
@@ -162,8 +162,7 @@ class MultiHeadAttention(Layer):
             buf.index_copy_(-2, slots, new) if donate else buf.index_copy(-2, slots, new)
             for buf, new in zip(cache, (k, v), strict=True)
         )
-        y = self._attend(params, q, k_all, v_all, mask, None, False)
-        return cast(torch.Tensor, y), (k_all, v_all)
+        return self._attend(params, q, k_all, v_all, mask, None), (k_all, v_all)
 
     def memory_kv(self, params: Params, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention's keys and values for ``memory: (..., S, kv_dim)``, ``(..., kv_heads,
@@ -183,7 +182,7 @@ class MultiHeadAttention(Layer):
         :meth:`memory_kv`: :meth:`apply` with ``context=memory``, the memory's projections
         reused."""
         q = self._proj("q").apply(params["q"], x).transpose(-3, -2)
-        return cast(torch.Tensor, self._attend(params, q, *memory_kv, mask, None, False))
+        return self._attend(params, q, *memory_kv, mask, None)
 
     def _project(
         self,
@@ -213,8 +212,7 @@ class MultiHeadAttention(Layer):
         v: torch.Tensor,
         mask: torch.Tensor | None,
         key: torch.Tensor | None,
-        return_weights: bool,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """The attention kernel and the output projection."""
         if mask is not None and mask.dtype != torch.bool:
             raise TypeError(f"attention mask must be boolean (True = may attend), got {mask.dtype}")
@@ -223,17 +221,17 @@ class MultiHeadAttention(Layer):
             k, v = (t.repeat_interleave(group, dim=-3) for t in (k, v))
         # keyed dropout (SDPA's reads the global RNG), and vmap on CPU: SDPA's CPU kernel has no
         # batching rule, so vmap would fall back to a per-example loop
-        if return_weights or self.dropout > 0.0 or _under_vmap_on_cpu(q):
-            out, weights = _explicit_attention(q, k, v, mask, self.dropout, key)
+        if self.dropout > 0.0 or _under_vmap_on_cpu(q) or watched(params, "weights"):
+            weights = tap(params, "weights", _attention_weights(q, k, mask))
+            out = dropout(weights, self.dropout, key=key) @ v
         else:
-            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # A copy in (B, T, H, Dh) order: SDPA's output layout depends on the kernel it picks, and
         # on a sharded DTensor the local shard's layout can differ from what the global strides
         # claim, so the projection's reshape would take the view path and fail (seen with
         # grouped-query attention after a step). One copy of the attention output per layer.
         out = out.transpose(-3, -2).clone(memory_format=torch.contiguous_format)
-        y = self._proj("o").apply(params["o"], out)
-        return (y, cast(torch.Tensor, weights)) if return_weights else y  # explicit path: weights
+        return self._proj("o").apply(params["o"], tap(params, "heads", out))
 
 
 def _under_vmap_on_cpu(q: torch.Tensor) -> bool:
@@ -241,15 +239,9 @@ def _under_vmap_on_cpu(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and torch._C._are_functorch_transforms_active()
 
 
-def _explicit_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    rate: float,
-    key: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same math as SDPA, keeping the weights and applying keyed dropout to them."""
+def _attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA's probabilities, ``softmax(q k^T / sqrt(d))`` under ``mask``, made explicit (for
+    keyed dropout, for vmap on the CPU and for the ``weights`` tap)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if mask is not None:
         # A finite fill keeps gradients finite for rows that see no key; those rows are then
@@ -258,5 +250,4 @@ def _explicit_attention(
     weights = torch.softmax(scores, dim=-1)
     if mask is not None:
         weights = weights * mask.any(dim=-1, keepdim=True)
-    attended = dropout(weights, rate, key=key)
-    return attended @ v, weights
+    return weights

@@ -13,9 +13,10 @@ and with ``causal=True`` the decoder-only block of GPT and Llama (nanoGPT's ``Bl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from functional_llm.nn.mlp import MLP
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
 from functional_llm.nn.positions import RopeScaling
+from functional_llm.nn.taps import tap
 from functional_llm.types import Activation, NormKind
 
 __all__ = ["Block", "DecoderBlock"]
@@ -129,10 +131,9 @@ class Block(Layer):
         causal: bool = False,
         positions: torch.Tensor | None = None,
         key: Key = None,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(..., T, d_model) -> (..., T, d_model)``; ``mask`` is the self-attention mask. With
-        ``return_weights`` also returns ``{"attn": (..., heads, T, T)}`` attention weights."""
+    ) -> torch.Tensor:
+        """``(..., T, d_model) -> (..., T, d_model)``; ``mask`` is the self-attention mask.
+        Taps: ``input`` and ``output`` (the residual stream around the block)."""
         return self._forward(
             params,
             x,
@@ -142,7 +143,6 @@ class Block(Layer):
             memory_mask=None,
             positions=positions,
             key=key,
-            return_weights=return_weights,
         )
 
     def apply_cached(
@@ -195,43 +195,24 @@ class Block(Layer):
         memory_mask: torch.Tensor | None,
         positions: torch.Tensor | None,
         key: Key,
-        return_weights: bool,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> torch.Tensor:
         """Self-attention, cross-attention to ``memory`` where there is one, then the MLP: each
         a residual sub-layer with its own keys (for the sub-layer and its output dropout)."""
         keys = iter(maybe_split(key, 4 if memory is None else 6))
-        weights: dict[str, torch.Tensor] = {}
+        x = tap(params, "input", x)
         attentions: dict[str, dict[str, Any]] = {
             "attn": {"mask": mask, "causal": causal, "positions": positions}
         }
         if memory is not None:
             attentions["cross"] = {"context": memory, "mask": memory_mask}
         for name, kw in attentions.items():
-            attend = self._attend(params, name, weights, return_weights, key=next(keys), **kw)
+            layer, k_attn = self._attention(cross=name == "cross"), next(keys)
+            attend = functools.partial(layer.apply, params[name], key=k_attn, **kw)
             x = self._residual(params, name, x, attend, next(keys))
         k_mlp, k_out = next(keys), next(keys)
         mlp = lambda h: self._mlp().apply(params["mlp"], h, key=k_mlp)  # noqa: E731
         x = self._residual(params, "mlp", x, mlp, k_out)
-        return (x, weights) if return_weights else x
-
-    def _attend(
-        self,
-        params: Params,
-        name: str,
-        weights: dict[str, torch.Tensor],
-        return_weights: bool,
-        **kw: Any,
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Attention sub-layer ``name`` as a function; its weights go to ``weights[name]``."""
-        layer = self._attention(cross=name == "cross")
-
-        def run(h: torch.Tensor) -> torch.Tensor:
-            out = layer.apply(params[name], h, return_weights=return_weights, **kw)
-            if return_weights:
-                out, weights[name] = out
-            return cast(torch.Tensor, out)
-
-        return run
+        return tap(params, "output", x)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,10 +248,8 @@ class DecoderBlock(Block):
         memory_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         key: Key = None,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``mask``/``causal`` restrict self-attention, ``memory_mask`` cross-attention; with
-        ``return_weights`` also returns ``{"attn": ..., "cross": ...}`` attention weights."""
+    ) -> torch.Tensor:
+        """``mask``/``causal`` restrict self-attention, ``memory_mask`` cross-attention."""
         return self._forward(
             params,
             x,
@@ -280,5 +259,4 @@ class DecoderBlock(Block):
             memory_mask=memory_mask,
             positions=positions,
             key=key,
-            return_weights=return_weights,
         )

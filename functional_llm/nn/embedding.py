@@ -8,6 +8,7 @@ import torch
 
 from functional_llm.init import Initializer, Normal
 from functional_llm.nn.module import Layer, Params
+from functional_llm.nn.taps import tap
 
 __all__ = ["Embedding"]
 
@@ -36,8 +37,8 @@ class Embedding(Layer):
         return {"table": self.axes_names}
 
     def apply(self, params: Params, ids: torch.Tensor) -> torch.Tensor:
-        """``table[ids]``: ``(...,)`` integer ids to ``(..., dim)`` vectors."""
-        return params["table"][ids]
+        """``table[ids]``: ``(...,)`` integer ids to ``(..., dim)`` vectors (tap ``output``)."""
+        return tap(params, "output", params["table"][ids])
 
     @staticmethod
     def attend(params: Params, h: torch.Tensor) -> torch.Tensor:

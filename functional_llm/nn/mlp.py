@@ -17,6 +17,7 @@ from functional_llm.init import Initializer
 from functional_llm.nn.dropout import dropout
 from functional_llm.nn.linear import Linear
 from functional_llm.nn.module import Layer, Params, axes_of, init_all
+from functional_llm.nn.taps import tap
 from functional_llm.types import Activation
 
 __all__ = ["ACTIVATIONS", "MLP"]
@@ -88,4 +89,5 @@ class MLP(Layer):
         layers, act = self._layers(), ACTIVATIONS[self.activation]
         h = layers["up"].apply(params["up"], x)
         h = act(layers["gate"].apply(params["gate"], x)) * h if self.gated else act(h)
+        h = tap(params, "hidden", h)
         return layers["down"].apply(params["down"], dropout(h, self.dropout, key=key))

@@ -13,11 +13,12 @@ recomputed in the backward pass instead of kept, for about one more forward pass
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from functional_llm import random
+from functional_llm.nn import taps
 from functional_llm.nn.blocks import Block, DecoderBlock, Key
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
 from functional_llm.nn.remat import remat
@@ -60,38 +61,28 @@ class Stack(Layer):
         causal: bool = False,
         positions: torch.Tensor | None = None,
         key: Key = None,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """Run the blocks in order; with ``return_weights`` also each block's attention weights."""
+    ) -> torch.Tensor:
+        """Run the blocks in order, then the final norm."""
         run = lambda p, h, k: self.block.apply(  # noqa: E731
-            p,
-            h,
-            mask=mask,
-            causal=causal,
-            positions=positions,
-            key=k,
-            return_weights=return_weights,
+            p, h, mask=mask, causal=causal, positions=positions, key=k
         )
-        return self._run(params, x, run, key, return_weights)
+        return self._run(params, x, run, key)
 
-    def _run(
-        self, params: Params, x: torch.Tensor, run: Any, key: Key, return_weights: bool
-    ) -> Any:
-        """``x = run(block_params, x, key)`` through the blocks, then the final norm."""
+    def _run(self, params: Params, x: torch.Tensor, run: Any, key: Key) -> torch.Tensor:
+        """``x = run(block_params, x, key)`` through the blocks, then the final norm. Blocks
+        are not recomputed while a capture is open, so that its patches hold in backward."""
         keys = maybe_split(key, self.n_layers)
-        weights = []
-        run = remat(run) if self.remat and not return_weights else run
+        run = remat(run) if self.remat and not taps.active() else run
         for block_params, k in zip(params["blocks"], keys, strict=True):
             x = run(block_params, x, k)
-            if return_weights:
-                x, w = x
-                weights.append(w)
-        x = self.finish(params, x)
-        return (x, weights) if return_weights else x
+        return self.finish(params, x)
 
     def finish(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """The final norm, where the stack has one (``params["norm"]``), else ``x``."""
-        return self.block._norm().apply(params["norm"], x) if self.final_norm else x
+        """The final norm, where the stack has one (``params["norm"]``; tap ``norm.output``),
+        else ``x``."""
+        if not self.final_norm:
+            return x
+        return taps.tap(params["norm"], "output", self.block._norm().apply(params["norm"], x))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,21 +102,13 @@ class Decoder(Stack):
         memory_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         key: Key = None,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    ) -> torch.Tensor:
         """Causal self-attention by default (``causal=False`` for a bidirectional decoder)."""
         run = lambda p, h, k: self.block.apply(  # noqa: E731
-            p,
-            h,
-            memory,
-            mask=mask,
-            causal=causal,
-            memory_mask=memory_mask,
-            positions=positions,
-            key=k,
-            return_weights=return_weights,
-        )
-        return self._run(params, x, run, key, return_weights)
+            p, h, memory, mask=mask, causal=causal, memory_mask=memory_mask,
+            positions=positions, key=k,
+        )  # fmt: skip
+        return self._run(params, x, run, key)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,16 +142,8 @@ class EncoderDecoder(Layer):
     ) -> torch.Tensor:
         """``src: (..., S, d)``, ``tgt: (..., T, d)`` to ``(..., T, d)``."""
         k_enc, k_dec = maybe_split(key)
-        memory = cast(
-            torch.Tensor, self.encoder.apply(params["encoder"], src, mask=src_mask, key=k_enc)
-        )
-        out = self.decoder.apply(
-            params["decoder"],
-            tgt,
-            memory,
-            mask=tgt_mask,
-            causal=causal,
-            memory_mask=memory_mask,
-            key=k_dec,
-        )
-        return cast(torch.Tensor, out)
+        memory = self.encoder.apply(params["encoder"], src, mask=src_mask, key=k_enc)
+        return self.decoder.apply(
+            params["decoder"], tgt, memory, mask=tgt_mask, causal=causal,
+            memory_mask=memory_mask, key=k_dec,
+        )  # fmt: skip
