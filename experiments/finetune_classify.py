@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {"accuracy": metrics.accuracy(pred, gold), "macro_f1": metrics.macro_f1(pred, gold)}
 
     loss = losses.classification(model)
-    _, final = common.fit(args, loss, params, model, train_f, pad, evaluate, run)
+    meta = common.model_meta(tok, backbone, labels=list(labels), task="classify")
+    _, final = common.fit(args, loss, params, model, train_f, pad, evaluate, run, meta)
     baseline = naive_bayes(train_ex, dev_ex)
     gold_names = [e["label"] for e in dev_ex]
     nb = {"nb_accuracy": metrics.accuracy(baseline, gold_names),

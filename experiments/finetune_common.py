@@ -139,6 +139,14 @@ def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tu
     return tok, fl.models.BERT(fl.models.BERTConfig(**model_fields(args, tok.vocab_size))), None
 
 
+def model_meta(tok: Any, backbone: Any, **extra: Any) -> dict[str, Any]:
+    """What :mod:`experiments.inspect` needs to rebuild a fine-tuned model: the tokenizer, the
+    backbone's family and config, and the task's own fields (labels)."""
+    family = "gpt" if isinstance(backbone, fl.models.GPT) else "bert"
+    return {"tokenizer": tok.to_json(), "backbone": family,
+            "config": checkpoint.config_to_dict(backbone.config), **extra}  # fmt: skip
+
+
 def init_params(head_model: Any, pretrained: Any, key: torch.Tensor) -> Any:
     params = head_model.init(key)
     return params if pretrained is None else finetune.with_backbone(params, pretrained)
@@ -196,9 +204,11 @@ def fit(
     pad: Callable[[list[dict]], dict],
     evaluate: Callable[[Any], dict[str, float]],
     run: Run,
+    meta: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Train for ``args.epochs`` and evaluate after each; returns the final params and metrics.
-    With ``--lora-rank`` only adapters and the head train; the backbone stays as loaded."""
+    With ``--lora-rank`` only adapters and the head train; the backbone stays as loaded.
+    ``meta`` goes into the saved model's metadata (what a reader needs to rebuild it)."""
     where = cli.device(args)
     params = cli.to_device(params, where)
     k_lora, k_train, k_data = random.split(random.key(args.seed + 1), 3)
@@ -239,7 +249,8 @@ def fit(
     def save(**extra: Any) -> None:
         guard.check()  # a diverged model is never written
         saved = state.params if args.lora_rank else effective(state.params)
-        checkpoint.save(path, saved, {"args": vars(args), "step": int(state.step), **extra})
+        entry = {"args": vars(args), "step": int(state.step), **(meta or {}), **extra}
+        checkpoint.save(path, saved, entry)
 
     with runs.interruptible() as stop:
         for epoch in range(args.epochs):

@@ -1,6 +1,7 @@
 """Interpretability as pure functions: intermediates and patching through the layers' taps,
 attribution of scores to inputs, the logit and tuned lenses, and pictures of them."""
 
+from functional_llm.interpret import pictures
 from functional_llm.interpret.attribution import (
     Attribution,
     attention_rollout,
@@ -44,6 +45,7 @@ __all__ = [
     "logit_lens",
     "n_layers",
     "patch",
+    "pictures",
     "readout",
     "stack_path",
     "token_attributions",
