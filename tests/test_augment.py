@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import functional_llm as fl
 from functional_llm import random
 from functional_llm.data import augment as A
 
@@ -113,3 +114,63 @@ def test_finetune_classify_adds_eda_copies_with_the_same_labels() -> None:
     assert [e["label"] for e in out[2:5]] == ["1"] * 3
     assert all(set(e["text"].split()) <= set(examples[0]["text"].split()) for e in out[2:5])
     assert out == finetune_classify.augmented(examples, args)  # a function of the seed
+
+
+# Back-translation: two tiny translators trained to memorise a mapping and its inverse.
+PAD, START, EOS = 0, 1, 2
+SOURCES = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [4, 6, 8]]
+PIVOTS = [[(t * 5) % 9 + 3 for t in s[::-1]] for s in SOURCES]  # reversed, relabelled
+
+
+def _memorised(pairs: list[tuple[list[int], list[int]]]) -> tuple:
+    cfg = fl.models.TransformerConfig(src_vocab_size=12, tgt_vocab_size=12, d_model=32, nhead=2,
+                                      num_encoder_layers=1, num_decoder_layers=1,
+                                      dim_feedforward=64, dropout=0.0, max_seq_len=8)  # fmt: skip
+    model = fl.models.Transformer(cfg)
+    batch = fl.data.seq2seq_batch(pairs, pad_id=PAD, bos_id=START, eos_id=EOS)
+    opt = fl.optim.adam(1e-2)
+    step = fl.train.make_step(fl.losses.seq2seq(model), opt)
+    state = fl.train.init_state(model.init(random.key(0)), opt, random.key(1))
+    for _ in range(150):
+        state, _ = step(state, batch)
+    return model, state.params
+
+
+@pytest.fixture(scope="module")
+def translators() -> tuple:
+    return (_memorised(list(zip(SOURCES, PIVOTS, strict=True))),
+            _memorised(list(zip(PIVOTS, SOURCES, strict=True))))  # fmt: skip
+
+
+def test_greedy_back_translation_through_memorised_translators_returns_the_source(
+    translators: tuple,
+) -> None:
+    forward, backward = translators
+    src, valid = fl.data.seq2seq_batch(list(zip(SOURCES, SOURCES, strict=True)), pad_id=PAD,
+                                       bos_id=START, eos_id=EOS)["src"], None  # fmt: skip
+    valid = src != PAD
+    ids = dict(start_id=START, eos_id=EOS, pad_id=PAD, max_new_tokens=6)
+    pivot, pivot_valid = A._translate(forward, src, valid, torch.zeros(4, 2), temperature=0.0,
+                                      top_p=None, **ids)  # fmt: skip
+    assert [row[ok].tolist() for row, ok in zip(pivot, pivot_valid, strict=True)] == PIVOTS
+    out, out_valid = A.back_translate(random.key(0), forward, backward, src, valid,
+                                      temperature=0.0, **ids)  # fmt: skip
+    assert torch.equal(out, src) and torch.equal(out_valid, valid)
+
+
+def test_sampled_back_translation_is_a_function_of_the_key_and_the_row(translators: tuple) -> None:
+    forward, backward = translators
+    src = torch.tensor([[3, 4, 5, 0], [8, 9, 10, 11]])
+    valid = src != PAD
+    ids = dict(start_id=START, eos_id=EOS, pad_id=PAD, max_new_tokens=6, temperature=3.0)
+    a = A.back_translate(random.key(5), forward, backward, src, valid, **ids)
+    b = A.back_translate(random.key(5), forward, backward, src, valid, **ids)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    draws = {tuple(A.back_translate(random.key(k), forward, backward, src, valid, **ids)[0][0]
+                   .tolist()) for k in range(8)}  # fmt: skip
+    assert len(draws) > 1  # a hot sampler paraphrases differently under different keys
+    for tokens, ok in zip(*a, strict=True):  # right-padded, the closing EOS taken off
+        assert bool(ok[: int(ok.sum())].all()) and bool((tokens[~ok] == PAD).all())
+        assert EOS not in tokens[ok].tolist() or tokens[ok].tolist() == [EOS]  # empty: [EOS]
+    with pytest.raises(ValueError, match=r"src must be \(batch, length\), got \(4,\)"):
+        A.back_translate(random.key(0), forward, backward, src[0], **ids)

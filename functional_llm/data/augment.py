@@ -12,12 +12,14 @@ On token ids (1-D tensors), fairseq's noising and BART's infilling:
 ``protected`` (a bool mask) marks tokens that are never dropped, replaced or moved (special
 tokens). On words (lists of strings), EDA's operations without a thesaurus (Wei & Zou 2019):
 :func:`random_swap`, :func:`random_deletion`, :func:`random_insertion` (of a word already in
-the sentence), and :func:`eda`, which applies one of them per augmented copy.
+the sentence), and :func:`eda`, which applies one of them per augmented copy. On sentences
+and two translation models: :func:`back_translate` (there and back, sampled from a key).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -25,6 +27,7 @@ from functional_llm import random
 from functional_llm.types import Key
 
 __all__ = [
+    "back_translate",
     "eda",
     "local_shuffle",
     "random_deletion",
@@ -195,3 +198,65 @@ def eda(key: Key, words: list[str], copies: int = 4, alpha: float = 0.1) -> list
         op = int(random.randint(random.fold_in(k, 7), (), 0, len(ops)))
         out.append(ops[op](random.fold_in(k, i)))
     return out
+
+
+def back_translate(
+    key: Key,
+    forward: tuple[Any, Any],
+    backward: tuple[Any, Any],
+    src: torch.Tensor,
+    src_valid: torch.Tensor | None = None,
+    *,
+    start_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paraphrases of ``src: (B, S)`` (right-padded where ``src_valid`` is False): translated
+    into a pivot language by ``forward = (model, params)``, then back by ``backward`` (Sennrich
+    et al. 2016), both encoder-decoder models whose decoders start from ``start_id`` and stop
+    at ``eos_id``. Returns ``(tokens, valid)`` in ``src``'s form: right-padded with ``pad_id``,
+    without start or EOS tokens.
+
+    ``temperature > 0`` samples each translation (Edunov et al. 2018 found sampled back-
+    translations the more useful noise) with its own key per row, so a row's paraphrase
+    depends on ``key`` and the row alone, not on the batch; ``temperature=0`` is greedy. A
+    translation that is empty becomes the single token ``eos_id`` before it is read back."""
+    if src.ndim != 2:
+        raise ValueError(f"back_translate: src must be (batch, length), got {tuple(src.shape)}")
+    keys = random.split(key, 2 * src.shape[0]).reshape(2, src.shape[0], -1)
+    options = {"start_id": start_id, "eos_id": eos_id, "pad_id": pad_id, "top_p": top_p,
+               "max_new_tokens": max_new_tokens, "temperature": temperature}  # fmt: skip
+    pivot, pivot_valid = _translate(forward, src, src_valid, keys[0], **options)
+    return _translate(backward, pivot, pivot_valid, keys[1], **options)
+
+
+def _translate(
+    translator: tuple[Any, Any],
+    src: torch.Tensor,
+    src_valid: torch.Tensor | None,
+    keys: torch.Tensor,
+    *,
+    start_id: int,
+    eos_id: int,
+    pad_id: int,
+    **sampling: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from functional_llm.generate import generate  # decoding needs the models; data must not
+
+    model, params = translator
+    start = torch.full((src.shape[0], 1), start_id, dtype=torch.int64, device=src.device)
+    keyed = keys if sampling["temperature"] > 0 else None
+    out = generate(model, params, start, src=src, src_valid=src_valid, key=keyed,
+                   eos_id=eos_id, pad_id=pad_id, **sampling)  # fmt: skip
+    rows = [r[ok][1:] for r, ok in zip(out.tokens, out.valid, strict=True)]
+    rows = [r[:-1] if len(r) and r[-1] == eos_id else r for r in rows]
+    rows = [r if len(r) else torch.tensor([eos_id], device=src.device) for r in rows]
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.int64, device=src.device)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    lengths = torch.tensor([len(r) for r in rows], device=src.device)
+    return tokens, torch.arange(width, device=src.device) < lengths[:, None]
