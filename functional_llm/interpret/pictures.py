@@ -66,10 +66,11 @@ def attention_heatmaps(
     _check_labels("queries", queries, t)
     _check_labels("keys", keys, s)
     plt = _pyplot()
-    cols = min(heads, 4)
+    cols = math.ceil(math.sqrt(heads))
     rows = math.ceil(heads / cols)
-    cell = max(2.5, 0.28 * max(t, s))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1, cell * rows), squeeze=False)
+    cell = min(max(3.0, 0.2 * max(t, s)), 8.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.5, cell * rows + 0.5),
+                             squeeze=False, layout="constrained")  # fmt: skip
     image = None
     for h, ax in enumerate(axes.flat):
         if h >= heads:
@@ -81,7 +82,7 @@ def attention_heatmaps(
         ax.set_yticks(range(t), list(queries), fontsize=7)
         ax.set_xlabel("attended token", fontsize=8)
         ax.set_ylabel("query token", fontsize=8)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -160,7 +161,7 @@ def lens_grid(
         raise ValueError(f"lens_grid: top_tokens must be {layers} rows of {t}, like probs")
     _check_labels("positions", positions, t)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.0 * t + 2, 0.45 * layers + 1.5))
+    fig, ax = plt.subplots(figsize=(0.55 * t + 2.5, 0.45 * layers + 1.5), layout="constrained")
     image = ax.imshow(
         probs.detach().float().cpu().numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto"
     )
