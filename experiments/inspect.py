@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--text", required=True, help="the text to explain")
     a("--target", help="explain this next token (GPT) or label (classifier) instead")
     a("--layer", type=int, default=-1, help="the block whose attention is drawn (default last)")
-    a("--steps", type=cli.positive_int, default=32, help="integrated-gradients nodes")
+    a("--steps", type=cli.positive_int, default=64, help="integrated-gradients nodes")
     a("--out", help="folder for the pictures (default <model>/inspect)")
     a("--overwrite", action="store_true", help="replace the pictures of an earlier inspect")
     return p.parse_args(argv)

@@ -56,7 +56,8 @@ def attention_heatmaps(
     title: str = "",
 ) -> Path:
     """One heatmap per head of ``weights: (heads, T, S)`` (rows: the attending ``queries``,
-    columns: the attended ``keys``, the queries by default), on a shared 0-1 colour scale."""
+    columns: the attended ``keys``, the queries by default), on one colour scale from 0 to
+    the largest weight of any head."""
     if weights.ndim != 3:
         raise ValueError(
             f"attention_heatmaps: weights must be (heads, T, S), got {tuple(weights.shape)}"
@@ -71,12 +72,14 @@ def attention_heatmaps(
     cell = min(max(3.0, 0.2 * max(t, s)), 8.0)
     fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.5, cell * rows + 0.5),
                              squeeze=False, layout="constrained")  # fmt: skip
-    image = None
+    image, top = None, max(float(weights.max()), 1e-6)
     for h, ax in enumerate(axes.flat):
         if h >= heads:
             ax.axis("off")
             continue
-        image = ax.imshow(weights[h].detach().float().cpu().numpy(), vmin=0, vmax=1, cmap="viridis")
+        image = ax.imshow(
+            weights[h].detach().float().cpu().numpy(), vmin=0, vmax=top, cmap="viridis"
+        )
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xticks(range(s), list(keys), rotation=90, fontsize=7)
         ax.set_yticks(range(t), list(queries), fontsize=7)

@@ -1,5 +1,6 @@
 """Pure layers: ``init(key) -> params``, ``apply(params, ...)``, ``axes()``."""
 
+from functional_llm.nn import taps
 from functional_llm.nn.attention import MultiHeadAttention, causal_mask, key_padding_mask
 from functional_llm.nn.blocks import Block, DecoderBlock
 from functional_llm.nn.dropout import Dropout, dropout, inference
@@ -39,4 +40,5 @@ __all__ = [
     "remat",
     "rope",
     "sinusoidal",
+    "taps",
 ]
