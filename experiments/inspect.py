@@ -6,9 +6,12 @@
     python -m experiments.inspect path/to/gpt2 --text "Hello, my dog" --target " is"  # HF folder
 
 The model is a ``pretrain_gpt`` run (or checkpoint file, or a Hugging Face GPT-2/Llama folder),
-a ``pretrain_bert`` run, or a ``finetune_classify`` run. What is explained is its prediction:
-a GPT's next token after the text (``--target`` names another), a classifier's label
-(``--target`` names another label), BERT's word at the first ``[MASK]`` (else at the last word).
+a ``pretrain_bert`` run, a ``finetune_classify`` run, or a ``translate``/``summarize`` run. What
+is explained is its prediction: a GPT's next token after the text (``--target`` names
+another), a classifier's label (``--target`` names another label), BERT's word at the first
+``[MASK]`` (else at the last word), an encoder-decoder's greedy output for the text as its
+source (the output's log-likelihood, attributed to the source tokens; the attention drawn is
+the decoder's cross-attention, output by source token).
 
 Writes into ``--out`` (default ``<run>/inspect``):
 
@@ -34,6 +37,7 @@ import functional_llm as fl
 from experiments import cli
 from experiments.generate import load as load_gpt
 from functional_llm import checkpoint, data, interpret
+from functional_llm import generate as G
 from functional_llm.interpret import pictures
 
 OUTPUTS = ("attention.png", "attribution.html", "attribution.png", "lens.png")
@@ -57,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Subject:
     """A loaded model with what explaining it needs."""
 
-    kind: str  # "gpt", "bert" or "classifier"
+    kind: str  # "gpt", "bert", "classifier" or "seq2seq"
     model: Any
     params: Any
     tok: Any
@@ -65,6 +69,9 @@ class Subject:
 
 
 def load(where: Path) -> Subject:
+    seq2seq = _seq2seq(where)
+    if seq2seq is not None:
+        return seq2seq
     if (where / "bert.safetensors").exists():
         meta = checkpoint.metadata(where / "bert.safetensors")
         model = fl.models.BERT(checkpoint.config_from_dict(fl.models.BERTConfig, meta["config"]))
@@ -74,6 +81,19 @@ def load(where: Path) -> Subject:
         return _classifier(where / "model.safetensors")
     model, params, tok = load_gpt(where)
     return Subject("gpt", model, params, tok)
+
+
+def _seq2seq(where: Path) -> Subject | None:
+    """A translate or summarize run (its newest checkpoint holds an encoder-decoder's config)."""
+    if not (where / "checkpoints").is_dir():
+        return None
+    restored = checkpoint.Checkpointer(where / "checkpoints").restore()
+    if restored is None or "src_vocab_size" not in restored.metadata.get("config", {}):
+        return None
+    cfg = checkpoint.config_from_dict(fl.models.TransformerConfig, restored.metadata["config"])
+    model = fl.models.Transformer(cfg)
+    tok = data.tokenizer_from_json(restored.metadata["tokenizer"], f"{where}'s tokenizer")
+    return Subject("seq2seq", model, cli.trained_params(model, restored.state), tok)
 
 
 def _classifier(path: Path) -> Subject:
@@ -99,6 +119,7 @@ def _classifier(path: Path) -> Subject:
 def _piece(tok: Any, i: int) -> str:
     """A token as a readable label: spaces and newlines shown."""
     text = tok.token(i) if hasattr(tok, "token") else tok.decode([i])
+    text = text.replace("\u0120", " ").replace("\u010a", "\n")  # byte-level BPE's space, newline
     return text.replace("\n", "\\n").replace(" ", "\u2423") or "\u2205"
 
 
@@ -110,7 +131,7 @@ def _ids(tok: Any, text: str, flag: str) -> list[int]:
 
 
 def _encode(s: Subject, text: str) -> dict[str, torch.Tensor]:
-    if s.kind == "gpt":
+    if s.kind in ("gpt", "seq2seq"):
         ids = _ids(s.tok, text, "--text")
         limit = s.model.config.max_seq_len
     else:
@@ -156,6 +177,25 @@ def _target(s: Subject, args: argparse.Namespace, tokens: torch.Tensor) -> tuple
     return target, f"word {_piece(s.tok, index)!r} at position {at}", _piece(s.tok, index)
 
 
+def _translation(s: Subject, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's greedy output for ``src`` as the decoder's input ``(1, n + 1)`` (the start
+    token, then the output) and what it predicts there ``(1, n + 1)`` (the output, then EOS)."""
+    eos = s.tok.id_of("eos")
+    start = torch.full((1, 1), eos)
+    room = s.model.config.max_seq_len - 1
+    out = G.generate(s.model, s.params, start, src=src, max_new_tokens=room, eos_id=eos)
+    ids = out.tokens[0][out.valid[0]][1:].tolist()
+    ids = ids[:-1] if ids and ids[-1] == eos else ids
+    return torch.tensor([[eos, *ids]]), torch.tensor([[*ids, eos]])
+
+
+def _sequence_log_prob(gold: torch.Tensor) -> Any:
+    """``sum_t log p(gold_t)`` of ``(1, T, V)`` logits: the whole output's log-likelihood."""
+    return lambda logits: (
+        torch.log_softmax(logits.float(), -1).gather(-1, gold[..., None]).sum((1, 2))
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     where = Path(args.model)
@@ -169,22 +209,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         layer = interpret.check_layer(s.params, args.layer)
     except IndexError as err:
         raise data.DataError(f"--layer: {err}") from None
-    target, what, predicted = _target(s, args, tokens)
+    if s.kind == "seq2seq":  # explain the greedy output: cross-attention, source attributions
+        tgt_in, gold = _translation(s, tokens)
+        inputs, rows, kind, table = (
+            (tokens, tgt_in),
+            [_piece(s.tok, i) for i in tgt_in[0]],
+            "cross",
+            "src_embed",
+        )
+        predicted = s.tok.decode(gold[0, :-1].tolist())
+        target, what = _sequence_log_prob(gold), f"the output {predicted!r}"
+    else:
+        inputs, rows, kind, table = (tokens,), labels, "attn", "embed"
+        target, what, predicted = _target(s, args, tokens)
 
-    weights = interpret.attention_weights(s.model, s.params, tokens)[layer][0]
-    pictures.attention_heatmaps(weights, labels, path=out / "attention.png",
-                                title=f"attention of block {layer}")  # fmt: skip
-    ig = interpret.token_attributions(s.model, s.params, tokens, target=target, steps=args.steps)
+    weights = interpret.attention_weights(s.model, s.params, *inputs, kind=kind)[layer][0]
+    pictures.attention_heatmaps(weights, rows, labels, path=out / "attention.png",
+                                title=f"{kind} attention of block {layer}")  # fmt: skip
+    ig = interpret.token_attributions(s.model, s.params, *inputs, target=target,
+                                      embedding=table, steps=args.steps)  # fmt: skip
     title = f"integrated gradients of log p({what})"
     pictures.attribution_html(labels, ig.values[0], out / "attribution.html", title=title)
     pictures.attribution_png(labels, ig.values[0], out / "attribution.png", title=title)
     written = ["attention.png", "attribution.html", "attribution.png"]
     if s.kind != "classifier":
-        probs = interpret.logit_lens(s.model, s.params, tokens)[:, 0].softmax(-1)
+        probs = interpret.logit_lens(s.model, s.params, *inputs)[:, 0].softmax(-1)
         top_p, top_i = probs.max(-1)
         grid = [[_piece(s.tok, i) for i in row] for row in top_i.tolist()]
-        pictures.lens_grid(grid, top_p, labels, out / "lens.png",
-                           title="logit lens: each layer's top token")  # fmt: skip
+        pictures.lens_grid(grid, top_p, rows, out / "lens.png",
+                           title="logit lens: each layer's top next token")  # fmt: skip
         written.append("lens.png")
     order = ig.values[0].abs().argsort(descending=True)[:5].tolist()
     strongest = ", ".join(f"{labels[i]} {float(ig.values[0, i]):+.3f}" for i in order)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import finetune_classify, pretrain_bert, pretrain_gpt
+from experiments import finetune_classify, pretrain_bert, pretrain_gpt, translate
 from experiments import inspect as cli_inspect
 from functional_llm import interpret
 
@@ -94,3 +94,18 @@ def test_pictures_refuse_labels_that_do_not_fit(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lens_grid: top_tokens must be 2 rows of 3"):
         interpret.pictures.lens_grid([["a"] * 3], torch.ones(2, 3), ["x"] * 3, tmp_path / "l.png")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_translation_run_is_drawn_with_its_cross_attention(tmp_path: Path) -> None:
+    pairs = [("open the file", "die Datei öffnen"), ("close the file", "die Datei schließen"),
+             ("open the window", "das Fenster öffnen")] * 4  # fmt: skip
+    (tmp_path / "t.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    translate.main(["--d-model", "32", "--layers", "2", "--heads", "2", "--d-ff", "64",
+                    "--vocab-size", "300", "--max-steps", "6", "--eval-interval", "6",
+                    "--eval-size", "2", "--batch-size", "4", "--no-plot", "--warmup", "2",
+                    "--train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "t.tsv"),
+                    "--out-dir", str(tmp_path / "tr")])  # fmt: skip
+    result = cli_inspect.main([str(tmp_path / "tr"), "--text", "open the file", "--layer", "1"])
+    _pictures_are_real(tmp_path / "tr" / "inspect",
+                       ["attention.png", "attribution.html", "lens.png"])  # fmt: skip
+    assert abs(result["delta"]) < 1e-2
