@@ -23,6 +23,7 @@ import math
 import re
 
 import numpy as np
+import torch
 
 import functional_llm as fl
 from experiments import cli, stdlib_text
@@ -57,6 +58,28 @@ def naive_bayes(train: list[dict], dev: list[dict], alpha: float = 1.0) -> list[
     return out
 
 
+def noised(
+    features: list[dict], tok: data.SubwordTokenizer, args: argparse.Namespace
+) -> list[dict]:
+    """The encoded examples and ``--augment-copies`` noised copies of each: tokens blanked to
+    ``[MASK]`` and replaced by random ids, each at ``--augment-alpha``, special tokens kept
+    (lengths and segments unchanged). Copy ``c`` of example ``i`` uses ``fold_in(fold_in(
+    key(seed + 4), i), c)``."""
+    base, specials = random.key(args.seed + 4), torch.tensor(tok.special_ids)
+    out = list(features)
+    for i, f in enumerate(features):
+        ids = torch.as_tensor(f["tokens"])
+        keep = torch.isin(ids, specials)
+        for c in range(args.augment_copies):
+            k_blank, k_replace = random.split(random.fold_in(random.fold_in(base, i), c))
+            noisy = data.augment.token_blank(k_blank, ids, args.augment_alpha,
+                                             tok.id_of("mask"), keep)  # fmt: skip
+            noisy = data.augment.token_replace(k_replace, noisy, args.augment_alpha,
+                                               tok.vocab_size, keep)  # fmt: skip
+            out.append({**f, "tokens": noisy.numpy()})
+    return out
+
+
 def augmented(examples: list[dict], args: argparse.Namespace) -> list[dict]:
     """The examples and ``--augment-copies`` EDA copies of each text (same label), the copies
     of example ``i`` drawn with ``fold_in(key(seed + 3), i)``."""
@@ -74,8 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--train", help="CSV/TSV/JSONL training file (default: stdlib task)")
     p.add_argument("--dev", help="CSV/TSV/JSONL dev file (needed with --train)")
     p.add_argument(
-        "--augment", choices=("none", "eda"), default="none",
-        help="eda: add --augment-copies noised copies of each training text (data.augment.eda)",
+        "--augment", choices=("none", "eda", "noise"), default="none",
+        help="eda: add --augment-copies noised copies of each training text (data.augment.eda);\n"
+             "noise: of each encoded text, tokens blanked to [MASK] and replaced at random,\n"
+             "each at --augment-alpha (fairseq's noising; special tokens kept)",
     )  # fmt: skip
     p.add_argument("--augment-copies", type=cli.positive_int, default=4)
     p.add_argument("--augment-alpha", type=cli.rate, default=0.1, help="share of words touched")
@@ -96,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     params = common.init_params(model, pretrained, random.key(args.seed))
     encode = lambda ex: data.encode_classification(tok, ex, labels, args.max_length)  # noqa: E731
     train_f, dev_f = encode(train_ex), encode(dev_ex)
+    if args.augment == "noise":
+        train_f = noised(train_f, tok, args)
     segments = () if isinstance(backbone, fl.models.GPT) else ("token_types",)  # GPT has none
     pad = common.collate(tok.id_of("pad"), ("tokens", *segments, "label"))
     gold = [f["label"] for f in dev_f]

@@ -116,6 +116,34 @@ def test_finetune_classify_adds_eda_copies_with_the_same_labels() -> None:
     assert out == finetune_classify.augmented(examples, args)  # a function of the seed
 
 
+def test_finetune_classify_noises_encoded_copies_but_never_their_specials() -> None:
+    import argparse
+
+    from experiments import finetune_classify
+
+    texts = ["a fine and moving film", "dull , flat and long", "the best of the year"]
+    tok = fl.data.SubwordTokenizer.train(texts * 5, 60)
+    labels = ["0", "1"]
+    features = fl.data.encode_classification(
+        tok, [{"text": t, "label": labels[i % 2]} for i, t in enumerate(texts)], labels
+    )
+    args = argparse.Namespace(seed=0, augment_copies=4, augment_alpha=0.3)
+    out = finetune_classify.noised(features, tok, args)
+    assert len(out) == 3 + 3 * 4 and out[:3] == features
+    specials = set(tok.special_ids)
+    changed = 0
+    for i, copy in enumerate(out[3:]):
+        original = features[i // 4]
+        assert copy["label"] == original["label"] and len(copy["tokens"]) == len(original["tokens"])
+        assert list(copy["token_types"]) == list(original["token_types"])
+        for a, b in zip(original["tokens"], copy["tokens"], strict=True):
+            assert a == b or a not in specials  # [CLS] and [SEP] stay where they were
+            changed += int(a != b)
+    assert changed > 0
+    again = finetune_classify.noised(features, tok, args)
+    assert all(list(a["tokens"]) == list(b["tokens"]) for a, b in zip(out, again, strict=True))
+
+
 # Back-translation: two tiny translators trained to memorise a mapping and its inverse.
 PAD, START, EOS = 0, 1, 2
 SOURCES = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [4, 6, 8]]

@@ -51,38 +51,36 @@ def _rows(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return weights.transpose(1, 2)[valid]
 
 
-def test_gpt2_hidden_states_and_attention_equal_transformers(tmp_path: Path) -> None:
-    hf_model = _hf_gpt2()
+def _against(hf_model: Any, tmp_path: Path) -> tuple[tuple, Any, list[torch.Tensor]]:
+    """Our loaded copy of ``hf_model``, its padded batch, transformers' outputs with hidden
+    states and attentions, and our hidden states; our attention maps are checked here."""
     model, params = _loaded(hf_model, tmp_path)
     tokens, valid = _batch()
     with torch.no_grad():
         want = hf_model(tokens, attention_mask=valid.long(), output_hidden_states=True,
                         output_attentions=True)  # fmt: skip
+    weights = interpret.attention_weights(model, params, tokens, valid=valid)
+    assert len(weights) == len(want.attentions)
+    for ours, theirs in zip(weights, want.attentions, strict=True):
+        torch.testing.assert_close(_rows(ours, valid), _rows(theirs, valid), **TOL)
     states = interpret.hidden_states(model, params, tokens, valid=valid)
-    _, acts = taps.capture(model.apply, params, tokens, valid=valid, only="norm.output")
-    assert len(states) == len(want.hidden_states) == 4
+    assert len(states) == len(want.hidden_states)
+    return (model, params, tokens, valid), want, states
+
+
+def test_gpt2_hidden_states_and_attention_equal_transformers(tmp_path: Path) -> None:
+    (model, params, tokens, valid), want, states = _against(_hf_gpt2(), tmp_path)
     for ours, theirs in zip(states[:-1], want.hidden_states[:-1], strict=True):
         torch.testing.assert_close(ours[valid], theirs[valid], **TOL)
     # GPT-2's last hidden state is after its final LayerNorm (ln_f): our norm.output site
+    _, acts = taps.capture(model.apply, params, tokens, valid=valid, only="norm.output")
     torch.testing.assert_close(acts["norm.output"][valid], want.hidden_states[-1][valid], **TOL)
-    weights = interpret.attention_weights(model, params, tokens, valid=valid)
-    for ours, theirs in zip(weights, want.attentions, strict=True):
-        torch.testing.assert_close(_rows(ours, valid), _rows(theirs, valid), **TOL)
 
 
 def test_bert_hidden_states_and_attention_equal_transformers(tmp_path: Path) -> None:
-    hf_model = _hf_bert()
-    model, params = _loaded(hf_model, tmp_path)
-    tokens, valid = _batch()
-    with torch.no_grad():
-        want = hf_model(tokens, attention_mask=valid.long(), output_hidden_states=True,
-                        output_attentions=True)  # fmt: skip
-    states = interpret.hidden_states(model, params, tokens, valid=valid)
+    (model, params, tokens, valid), want, states = _against(_hf_bert(), tmp_path)
     for ours, theirs in zip(states, want.hidden_states, strict=True):
         torch.testing.assert_close(ours[valid], theirs[valid], **TOL)
-    weights = interpret.attention_weights(model, params, tokens, valid=valid)
-    for ours, theirs in zip(weights, want.attentions, strict=True):
-        torch.testing.assert_close(_rows(ours, valid), _rows(theirs, valid), **TOL)
     lens = interpret.logit_lens(model, params, tokens, valid=valid)
     torch.testing.assert_close(lens[-1][valid], want.prediction_logits[valid], **TOL)
 
