@@ -153,6 +153,8 @@ def test_cross_attention_and_the_encoders_states_are_reachable() -> None:
     assert [w.shape for w in cross] == [(2, 2, 5, 6)] * 2
     assert bool((cross[0][1, ..., 3:] == 0).all())  # padded source positions get no weight
     encoder = interpret.hidden_states(model, params, src, tgt, stack="encoder", **kw)
+    with pytest.raises(ValueError, match="only the decoder's states read out"):
+        interpret.logit_lens(model, params, src, tgt, stack="encoder", **kw)
     memory = model.encode(params, src, src_valid=kw["src_valid"])
     torch.testing.assert_close(model.core.encoder.finish(params["encoder"], encoder[-1]), memory)
 

@@ -46,16 +46,21 @@ def readout(model: Any, params: Params, h: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _check_dropout(model: Any, name: str) -> None:
+def _check(model: Any, name: str, kwargs: dict[str, Any]) -> None:
     if getattr(model.config, "dropout", 0.0):
         raise ValueError(f"{name}: evaluate fl.nn.inference(model), without dropout")
+    if not isinstance(model, models.GPT | models.BERT | models.Transformer):
+        raise TypeError(f"{name}: reads a GPT, a BERT or a Transformer, got {type(model).__name__}")
+    if kwargs.get("stack") not in (None, "decoder"):
+        raise ValueError(f"{name}: only the decoder's states read out through the vocabulary, "
+                         f"not stack={kwargs['stack']!r}")  # fmt: skip
 
 
 def logit_lens(model: Any, params: Params, *inputs: Any, **kwargs: Any) -> torch.Tensor:
     """``(n_layers + 1, ..., T, vocab)``: every layer's state through :func:`readout`.
     ``*inputs, **kwargs`` are ``model.apply``'s (a GPT's tokens, BERT's tokens, the
     encoder-decoder's source and target)."""
-    _check_dropout(model, "logit_lens")
+    _check(model, "logit_lens", kwargs)
     states = hidden_states(model, params, *inputs, **kwargs)
     return torch.stack([readout(model, params, h) for h in states])
 
@@ -82,7 +87,7 @@ def tuned_lens(
 ) -> torch.Tensor:
     """``(n_layers + 1, ..., T, vocab)``: each state through its translator, then
     :func:`readout` (the last state untranslated: the model's logits)."""
-    _check_dropout(model, "tuned_lens")
+    _check(model, "tuned_lens", kwargs)
     _check_lens(model, params, lens)
     states = hidden_states(model, params, *inputs, **kwargs)
     return torch.stack([readout(model, params, h) for h in _translated(lens, states)])
@@ -125,7 +130,7 @@ def fit_tuned_lens(
     ``optimizer`` defaults to ``optim.adam(1e-3)``; ``weight(*inputs, **kwargs) -> (..., T)``
     says which positions count (by default the ``valid`` keyword where given, else all).
     """
-    _check_dropout(model, "fit_tuned_lens")
+    _check(model, "fit_tuned_lens", {})
     opt = optimizer or optim.adam(1e-3)
     fitted: Params = init_tuned_lens(model, params) if lens is None else lens
     _check_lens(model, params, fitted)
