@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     count, size, real = cli.positive_int, cli.nonnegative_int, cli.nonnegative_float
     a("--data", help="a UTF-8 text file (default: the Python standard library's source)")
     a("--corpus-mb", type=cli.positive_float, default=4.0, help="size of the default corpus")
-    a("--tokenizer", choices=("char", "byte"), default="char")
+    a("--tokenizer", choices=("char", "byte", "bpe"), default="char",
+      help="bpe: byte-level BPE of --bpe-vocab ids trained on the corpus (saved with the run)")
+    a("--bpe-vocab", type=count, default=2048)
     a("--out-dir", default="out/pretrain_gpt")
     cli.add_run_args(p)
     a("--flavour", choices=("gpt2", "llama"), default="gpt2",
@@ -176,12 +178,25 @@ def pipelined(
     )  # fmt: skip
 
 
+def _chunks(text: str, size: int = 1 << 16) -> list[str]:
+    """The text in pieces at line ends, for the BPE trainer (it learns merges within pieces)."""
+    out, at = [], 0
+    while at < len(text):
+        end = text.find("\n", at + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[at:end])
+        at = end
+    return out
+
+
 def corpus(args: argparse.Namespace, tok: Any = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The run's text (``--data`` or the stdlib corpus), its tokenizer (trained on the text
     unless given), and the token ids split 90/10 into train and validation; each split must
     hold at least one window of ``--block-size`` + 1 tokens."""
     text = data.read_text(args.data) if args.data else stdlib_text.stdlib_corpus(args.corpus_mb)
-    if tok is None:
+    if tok is None and args.tokenizer == "bpe":
+        tok = data.SubwordTokenizer.train(_chunks(text), args.bpe_vocab, kind="bpe")
+    elif tok is None:
         tok = data.CharTokenizer.train(text) if args.tokenizer == "char" else data.ByteTokenizer()
     try:
         ids = torch.from_numpy(tok.encode(text))

@@ -12,10 +12,14 @@ shape fits.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
+import torch
+
 from functional_llm import tree
+from functional_llm.models import GPT
 from functional_llm.nn.module import check_tree
 from functional_llm.optim import (
     EmptyState,
@@ -27,7 +31,14 @@ from functional_llm.optim import (
 from functional_llm.tree import Pattern
 from functional_llm.types import PyTree
 
-__all__ = ["count_trainable", "freeze", "layer_index", "layerwise_decay", "with_backbone"]
+__all__ = [
+    "count_trainable",
+    "freeze",
+    "layer_index",
+    "layerwise_decay",
+    "resize_vocab",
+    "with_backbone",
+]
 
 
 def with_backbone(params: PyTree, pretrained: PyTree) -> PyTree:
@@ -103,3 +114,28 @@ def count_trainable(params: PyTree, frozen: tuple[Pattern, ...] = ()) -> tuple[i
     """``(trainable, total)`` parameter counts when the ``frozen`` patterns are frozen."""
     total = tree.size(params)
     return total - (tree.size(tree.select(params, *frozen)) if frozen else 0), total
+
+
+def resize_vocab(model: Any, params: PyTree, vocab_size: int) -> tuple[Any, PyTree]:
+    """A GPT with ``vocab_size`` token ids (e.g. the old ones and new special tokens) and its
+    params: new embedding rows (and unembedding columns, when untied) are the mean of the old
+    ones (Hewitt 2021), so the new tokens start where the model's tokens are on average and
+    no key is needed; fewer ids drop the last rows. ``params`` is not changed."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"resize_vocab: a GPT, got {type(model).__name__}")
+    old = model.config.vocab_size
+    if vocab_size < 1:
+        raise ValueError(f"resize_vocab: vocab_size must be >= 1, got {vocab_size}")
+
+    def resized(x: torch.Tensor, axis: int) -> torch.Tensor:
+        if vocab_size <= old:
+            return x.narrow(axis, 0, vocab_size).clone()
+        mean = x.mean(dim=axis, keepdim=True)
+        shape = list(x.shape)
+        shape[axis] = vocab_size - old
+        return torch.cat([x, mean.expand(shape)], dim=axis)
+
+    out = {**params, "embed": {**params["embed"], "table": resized(params["embed"]["table"], 0)}}
+    if not model.config.tie_embeddings:
+        out["unembed"] = {**params["unembed"], "w": resized(params["unembed"]["w"], -1)}
+    return GPT(dataclasses.replace(model.config, vocab_size=vocab_size)), out

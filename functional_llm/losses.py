@@ -163,7 +163,8 @@ def next_token(
 
     batch: ``inputs`` and ``targets`` ``(B, T)`` (targets are inputs shifted by one), or
     ``tokens`` ``(B, T+1)`` to be split so; optional ``valid`` ``(B, T)`` hides padding (pad
-    targets should be ``ignore_index``).
+    targets should be ``ignore_index``); optional ``positions`` and ``segments`` ``(B, T)``
+    describe packed rows (:func:`functional_llm.data.chat.pack`) for a GPT.
     """
     options = _ce_options(ignore_index, label_smoothing, z_loss)
     pick = _by_key(model)
@@ -174,7 +175,8 @@ def next_token(
         else:
             _require(batch, "next_token", "inputs", "targets")
             inputs, targets = batch["inputs"], batch["targets"]
-        logits = pick(key).apply(params, inputs, valid=batch.get("valid"), key=key)
+        packed = {k: batch[k] for k in ("positions", "segments") if k in batch}
+        logits = pick(key).apply(params, inputs, valid=batch.get("valid"), key=key, **packed)
         return cross_entropy(logits, targets, **options)
 
     return loss_fn

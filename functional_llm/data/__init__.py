@@ -1,6 +1,6 @@
 """Data: tokenizers, token files, task formats, and transforms as pure functions of a key."""
 
-from functional_llm.data import augment
+from functional_llm.data import augment, chat
 from functional_llm.data.classification import (
     encode_classification,
     label_vocab,
@@ -53,6 +53,7 @@ __all__ = [
     "augment",
     "bio_to_bioes",
     "bioes_to_bio",
+    "chat",
     "encode_classification",
     "encode_tagging",
     "eval_windows",

@@ -213,21 +213,27 @@ class GPT(Layer):
         *,
         valid: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states ``(..., T, d_model)`` for ``tokens: (..., T)``.
 
         ``valid`` (``(..., T)`` bool, True for real tokens) hides padding from attention;
-        ``positions`` default to ``0..T-1``; ``key`` turns dropout on.
+        ``positions`` default to ``0..T-1``; ``segments`` (``(..., T)`` ids) keeps attention
+        inside each run of equal ids (sequences packed into one row); ``key`` turns dropout on.
         """
         c = self.config
         check_ids("tokens", tokens, c.max_seq_len, c.vocab_size)
         check_like("valid", valid, "tokens", tokens)
+        check_like("segments", segments, "tokens", tokens)
         self.check(params)
         k_embed, k_stack = maybe_split(key)
         pos = positions_like(tokens) if positions is None else positions
         h = self.embed(params, tokens, pos, key=k_embed)
         mask = None if valid is None else key_padding_mask(valid)
+        if segments is not None:  # (..., 1, T, T): the same segment only
+            same = (segments[..., :, None] == segments[..., None, :])[..., None, :, :]
+            mask = same if mask is None else mask & same
         return self.stack.apply(params, h, mask=mask, causal=True, positions=pos, key=k_stack)
 
     def embed(
@@ -261,10 +267,14 @@ class GPT(Layer):
         *,
         valid: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token logits ``(..., T, vocab)``: position ``t`` sees ``tokens[..., :t+1]`` only."""
-        h = self.hidden_states(params, tokens, valid=valid, positions=positions, key=key)
+        """Next-token logits ``(..., T, vocab)``: position ``t`` sees ``tokens[..., :t+1]`` only
+        (and, with ``segments``, only those of its own segment)."""
+        h = self.hidden_states(
+            params, tokens, valid=valid, positions=positions, segments=segments, key=key
+        )
         return self.logits(params, h)
 
     def stages(self, n_stages: int) -> list[Stage]:
