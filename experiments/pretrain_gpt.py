@@ -59,8 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     count, size, real = cli.positive_int, cli.nonnegative_int, cli.nonnegative_float
     a("--data", help="a UTF-8 text file (default: the Python standard library's source)")
     a("--corpus-mb", type=cli.positive_float, default=4.0, help="size of the default corpus")
-    a("--tokenizer", choices=("char", "byte", "bpe"), default="char",
-      help="bpe: byte-level BPE of --bpe-vocab ids trained on the corpus (saved with the run)")
+    a(
+        "--tokenizer",
+        choices=("char", "byte", "bpe"),
+        default="char",
+        help="bpe: byte-level BPE of --bpe-vocab ids trained on the corpus (saved with the run)",
+    )
     a("--bpe-vocab", type=count, default=2048)
     a("--out-dir", default="out/pretrain_gpt")
     cli.add_run_args(p)
