@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--temperature", type=cli.nonnegative_float, default=0.0, help="0: greedy")
     a("--top-k", type=cli.positive_int)
     a("--top-p", type=cli.rate)
+    a("--no-repeat-ngram", type=cli.nonnegative_int, default=3, help="0: off")
     a("--seed", type=int, default=0, help="the sampling key")
     args = p.parse_args(argv)
     if args.temperature == 0 and (args.top_k or args.top_p):
@@ -105,8 +106,9 @@ def answer(
     G.generate(model, params, torch.as_tensor(prompt)[None],
                max_new_tokens=min(args.max_new_tokens, room + 1 - len(prompt)),
                key=key if args.temperature > 0 else None, temperature=args.temperature,
-               top_k=args.top_k, top_p=args.top_p, eos_id=template.end_id,
-               on_token=stream)  # fmt: skip
+               top_k=args.top_k, top_p=args.top_p, eos_id=template.end_id, on_token=stream,
+               processors=G.processors.no_repeat_ngram(args.no_repeat_ngram)
+               if args.no_repeat_ngram else None)  # fmt: skip
     return template.tokenizer.decode(new).strip()
 
 

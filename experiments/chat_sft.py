@@ -27,6 +27,9 @@ first questions beside a retrieval baseline (the answer to the most similar trai
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -58,12 +61,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--batch-size", type=cli.positive_int, default=16, help="rows per step")
     a("--lr", type=cli.positive_float, default=3e-4)
     a("--warmup", type=cli.nonnegative_int, default=30)
+    a("--dropout", type=cli.rate, default=0.0, help="dropout while fine-tuning")
     a("--pack", action=argparse.BooleanOptionalAction, default=True,
       help="several conversations per row, attention kept inside each (default on)")  # fmt: skip
     a("--eval-interval", type=cli.positive_int, default=100)
     a("--eval-size", type=cli.positive_int, default=200, help="held-out conversations for loss")
-    a("--answer-size", type=cli.positive_int, default=100, help="held-out questions answered")
+    a("--answer-size", type=cli.positive_int, default=300, help="held-out questions answered")
     a("--max-new-tokens", type=cli.positive_int, default=96)
+    a(
+        "--no-repeat-ngram",
+        type=cli.nonnegative_int,
+        default=3,
+        help="answers never repeat an n-gram (0: off)",
+    )
     a("--seed", type=int, default=0)
     a("--threads", type=cli.positive_int)
     a("--overwrite", action="store_true", help="replace the outputs of an earlier run")
@@ -132,13 +142,20 @@ def _words(text: str) -> set[str]:
 
 
 def retrieval(train_convs: Sequence, questions: Sequence[str]) -> list[str]:
-    """The first answer of the training conversation whose first question shares the most
-    words (dotted and underscored names split) with each question."""
-    asked = [(_words(_first(c)[0]), _first(c)[1]) for c in train_convs]
+    """The first answer of the training conversation whose first question is the most similar
+    to each question: cosine of TF-IDF word vectors (dotted and underscored names split), so
+    the words every question shares ("what does ... do") count for little."""
+    asked = [_words(_first(c)[0]) for c in train_convs]
+    idf = collections.Counter(w for words in asked for w in words)
+    weight = {w: math.log(len(asked) / n) for w, n in idf.items()}
+    norms = [math.sqrt(sum(weight[w] ** 2 for w in words)) or 1.0 for words in asked]
     out = []
     for q in questions:
         words = _words(q)
-        out.append(max(asked, key=lambda pair: len(words & pair[0]) / (len(pair[0]) or 1))[1])
+        scores = [
+            sum(weight[w] ** 2 for w in words & a) / n for a, n in zip(asked, norms, strict=True)
+        ]
+        out.append(_first(train_convs[max(range(len(scores)), key=scores.__getitem__)])[1])
     return out
 
 
@@ -156,15 +173,17 @@ def _opening(conv: Sequence[dict]) -> list[dict]:
 
 
 def answers(model: Any, params: Any, template: chat.ChatTemplate, convs: Sequence,
-            max_new_tokens: int) -> list[str]:  # fmt: skip
-    """Greedy answers to each conversation's first question, stopped at ``<|end|>``."""
+            max_new_tokens: int, no_repeat_ngram: int = 0) -> list[str]:  # fmt: skip
+    """Greedy answers to each conversation's first question, stopped at ``<|end|>``, never
+    repeating an n-gram of ``no_repeat_ngram`` tokens (when > 0)."""
+    processors = G.processors.no_repeat_ngram(no_repeat_ngram) if no_repeat_ngram else None
     out = []
     room = model.config.max_seq_len
     for conv in convs:
         prompt = torch.as_tensor(template.prompt(_opening(conv)))[None]
         n = min(max_new_tokens, room - prompt.shape[1])
         result = G.generate(model, params, prompt, max_new_tokens=max(n, 0),
-                            eos_id=template.end_id)  # fmt: skip
+                            eos_id=template.end_id, processors=processors)  # fmt: skip
         new = result.tokens[0, prompt.shape[1] :][result.valid[0, prompt.shape[1] :]].tolist()
         text = [i for i in new if i < template.base]
         out.append(template.tokenizer.decode(text).strip())
@@ -202,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dev_set = encoded(template, dev_convs, width, "held-out")
     out = runs.prepare(args.out_dir, resume=False, overwrite=args.overwrite, outputs=OUTPUTS)
     model, params = finetune.resize_vocab(pretrained, params, template.vocab_size)
+    model = fl.models.GPT(dataclasses.replace(model.config, dropout=args.dropout))
     evaluated = fl.nn.inference(model)
     dev_examples = [e for _, e in dev_set[: args.eval_size]]
     # before fine-tuning: the pretrained model, its four new rows the mean row (never predicted
@@ -248,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     asked = [c for c, _ in dev_set[: args.answer_size]]
     references = [_first(c)[1] for c in asked]
-    ours = answers(evaluated, trained, template, asked, args.max_new_tokens)
+    ours = answers(evaluated, trained, template, asked, args.max_new_tokens, args.no_repeat_ngram)
     baseline = retrieval([c for c, _ in train_set], [_first(c)[0] for c in asked])
     scores = {"model": metrics.rouge(ours, references),
               "retrieval": metrics.rouge(baseline, references)}  # fmt: skip

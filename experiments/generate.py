@@ -7,6 +7,8 @@
         --num-return 2 --stop "\\n\\n"
     python -m experiments.generate CHECKPOINT.safetensors --prompt "a" --prompt "b" --compile
     python -m experiments.generate path/to/gpt2 --prompt "Hello, my dog"   # a Hugging Face folder
+    python -m experiments.generate out/code_fim --prompt "def add(a, b):\n    " \
+        --suffix "\n\nprint(add(1, 2))"              # infill (pretrained with --fim-rate)
 
 The checkpoint is a ``pretrain_gpt`` output folder (its newest intact checkpoint), one
 checkpoint file, or a local Hugging Face GPT-2 or Llama folder (``config.json``,
@@ -53,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--seed", type=cli.nonnegative_int, default=0)
     a("--compile", action="store_true", help="torch.compile the decode step (once)")
     a("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    a(
+        "--suffix",
+        help="infill: write what goes between --prompt and this text (a model "
+        "pretrained with --fim-rate)",
+    )
     cli.add_device_args(p)
     args = p.parse_args(argv)
     for name in ("top_p", "min_p"):
@@ -65,6 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--num-return {args.num_return} is more than --num-beams {args.num_beams}")
     if args.temperature == 0 and (args.top_k or args.top_p or args.min_p):
         p.error("--top-k, --top-p and --min-p shape sampling: give a --temperature > 0")
+    if args.suffix is not None and (
+        len(args.prompt) != 1 or args.prompt_file or args.num_beams > 1
+    ):
+        p.error("--suffix infills between one --prompt and it (greedy or sampled)")
     if args.stream and (args.num_beams > 1 or len(args.prompt) + bool(args.prompt_file) > 1):
         p.error("--stream prints one prompt's greedy or sampled tokens")
     return args
@@ -110,12 +121,44 @@ def load_hf(folder: Path) -> tuple[Any, Any, Any]:
     return model, params, data.load_tokenizer(folder)
 
 
+def infill(model: Any, params: Any, tok: Any, args: argparse.Namespace) -> dict[str, float]:
+    """The middle between ``--prompt`` and ``--suffix``, in fill-in-the-middle order."""
+    fim = data.fim.FIM(tok.vocab_size)
+    if model.config.vocab_size != fim.vocab_size:
+        raise data.DataError(f"{args.checkpoint}: the model reads {model.config.vocab_size} ids, "
+                             f"not the tokenizer's {tok.vocab_size} + 4 sentinels: pretrain "
+                             "with --fim-rate to infill")  # fmt: skip
+    where = fl.tree.leaves(params)[0].device
+    try:
+        prefix, suffix = (torch.as_tensor(tok.encode(t)) for t in (args.prompt[0], args.suffix))
+    except ValueError as err:
+        raise data.DataError(f"the prompt cannot be encoded: {err}") from None
+    prompt = fim.prompt(prefix, suffix)[None].to(where)
+    n = min(args.max_new_tokens, model.config.max_seq_len - prompt.shape[1])
+    if n < 1:
+        raise data.DataError(f"prefix and suffix are {prompt.shape[1]} tokens with the sentinels; "
+                             f"the model reads {model.config.max_seq_len}")  # fmt: skip
+    key = random.key(args.seed, where) if args.temperature else None
+    started = time.perf_counter()
+    out = G.generate(model, params, prompt, max_new_tokens=n, key=key, eos_id=fim.id("end"),
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+    new = out.tokens[0, prompt.shape[1] :][out.valid[0, prompt.shape[1] :]].tolist()
+    seconds = time.perf_counter() - started
+    middle = tok.decode([i for i in new if i < tok.vocab_size])
+    print(f"--- infilled ---\n{args.prompt[0]}\u27e8{middle}\u27e9{args.suffix}")
+    stopped = float(len(new) < n)  # at <EOM> (not kept among the valid tokens), not the limit
+    return {"tokens": len(new), "tokens_per_s": len(new) / seconds, "middle_chars": len(middle),
+            "stopped": stopped}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     model, params, tok = load(Path(args.checkpoint))
     where = cli.device(args)
     model = fl.models.GPT(dataclasses.replace(model.config, dtype=cli.dtype(args)))
     params = cli.to_device(params, where, cli.dtype(args))
+    if args.suffix is not None:
+        return infill(model, params, tok, args)
     texts = list(args.prompt) + ([data.read_text(args.prompt_file)] if args.prompt_file else [])
     if not texts:
         raise data.DataError("give a --prompt or a --prompt-file")

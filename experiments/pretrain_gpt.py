@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 import functional_llm as fl
-from experiments import cli, stdlib_text
+from experiments import cli, code_eval, stdlib_text
 from functional_llm import checkpoint, data, losses, optim, random, runs, train
 
 
@@ -66,6 +66,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bpe: byte-level BPE of --bpe-vocab ids trained on the corpus (saved with the run)",
     )
     a("--bpe-vocab", type=count, default=2048)
+    a(
+        "--code-eval",
+        type=cli.nonnegative_int,
+        default=50,
+        help="held-out lines and functions completed at the end (stdlib corpus; 0: none)",
+    )
+    a(
+        "--fim-rate",
+        type=cli.rate,
+        default=0.0,
+        help="share of training windows in fill-in-the-middle order (4 sentinel ids are added)",
+    )
     a("--out-dir", default="out/pretrain_gpt")
     cli.add_run_args(p)
     a("--flavour", choices=("gpt2", "llama"), default="gpt2",
@@ -258,7 +270,7 @@ OUTPUTS = ("checkpoints", "metrics.jsonl", "tokenizer.json", "loss.png", "sample
 
 def build(args: argparse.Namespace, tok: Any) -> tuple[Any, Any, Any, train.TrainState]:
     """``(config, model, optimizer, fresh state)`` for a tokenizer's vocabulary."""
-    cfg = model_config(args, tok.vocab_size)
+    cfg = model_config(args, tok.vocab_size + (len(data.fim.SENTINELS) if args.fim_rate else 0))
     model = fl.models.GPT(cfg)
     opt = optimizer(args)
     k_init, k_train = random.split(random.key(args.seed), 5)[:2]
@@ -366,6 +378,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 train_ids, random.fold_in(k_data, it), args.batch_size * args.accumulate,
                 args.block_size,
             )  # fmt: skip
+            if args.fim_rate:  # the same key stream as the windows, one step further in
+                k_fim = random.fold_in(random.fold_in(k_data, it), 1)
+                batch = data.fim.FIM(tok.vocab_size).windows(k_fim, batch, args.fim_rate)
             state, metrics = step(state, batch)
             guard.watch(it + 1, metrics)
             if (it + 1) % args.log_interval == 0:
@@ -382,7 +397,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     full_val = train.evaluate(
         eval_step, full_params(), data.eval_windows(val_ids, 64, args.block_size)
     )["loss"]
-    record({"step": args.max_iters, "full_val_loss": full_val})
+    covered = (len(val_ids) - 1) // args.block_size * args.block_size  # eval_windows' targets
+    bpb = code_eval.bits_per_byte(full_val, covered, tok.decode(val_ids[1 : 1 + covered].tolist()))
+    record({"step": args.max_iters, "full_val_loss": full_val, "val_bits_per_byte": bpb})
     save(args.max_iters, trained)
     params = full_params()
     if log is None:
@@ -397,16 +414,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, params, prompt, max_new_tokens=args.sample_chars, key=k_sample.to(where),
         temperature=0.8, top_k=20, max_len=args.block_size, rolling=True,
     ).tokens  # fmt: skip
-    sample_text = tok.decode(generated[0])
+    sample_text = tok.decode([i for i in generated[0].tolist() if i < tok.vocab_size])
     (out / "samples.txt").write_text(sample_text, encoding="utf-8")
+    scores = {}
+    if args.code_eval and not args.data:  # held-out standard-library files
+        held_out = stdlib_text.stdlib_files(args.corpus_mb)[1]
+        scores = code_eval.evaluate(fl.nn.inference(model), params, tok, held_out,
+                                    key=random.key(args.seed + 7), n=args.code_eval)  # fmt: skip
+        with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(runs.strict_json({"step": args.max_iters, "code_eval": scores}) + "\n")
     total = time.perf_counter() - started
     print(f"--- sample (prompt: {prompt.shape[1]} validation tokens) ---\n{sample_text}\n---")
     print(f"val loss {final['val_loss']:.4f} (estimate, {args.eval_iters} batches), "
           f"{full_val:.4f} (whole split); train loss {final['train_loss']:.4f}")  # fmt: skip
+    print(f"held-out bits per byte {bpb:.4f}" + "".join(
+        f"; {k.replace('_', ' ')} {v:.3f}" for k, v in scores.items()))  # fmt: skip
     print(f"wall time {total:.1f} s (training loop {train_seconds:.1f} s); outputs in {out}")
     return {
         "val_loss": final["val_loss"], "full_val_loss": full_val, "wall_s": total,
-        "train_s": train_seconds,
+        "train_s": train_seconds, "val_bits_per_byte": bpb, **scores,
     }  # fmt: skip
 
 

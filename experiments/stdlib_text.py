@@ -72,6 +72,14 @@ def stdlib_root() -> Path:
 def stdlib_corpus(max_mb: float) -> str:
     """The standard library's ``.py`` files (tests skipped): every k-th in sorted order, about
     ``max_mb`` MB, arranged so that every tenth chosen file comes last (the validation split)."""
+    train, held_out = stdlib_files(max_mb)
+    return "".join(train + held_out)
+
+
+@cache
+def stdlib_files(max_mb: float) -> tuple[list[str], list[str]]:
+    """:func:`stdlib_corpus`'s files as ``(training, held_out)`` texts, each headed by a
+    ``# path`` comment line."""
     root = stdlib_root()
     texts = []
     for relative in stdlib_sources():
@@ -83,7 +91,7 @@ def stdlib_corpus(max_mb: float) -> str:
     stride = max(1, math.ceil(sum(map(len, texts)) / (max_mb * 1e6)))
     chosen = texts[::stride]
     held_out = [t for i, t in enumerate(chosen) if i % 10 == 9]
-    return "".join([t for i, t in enumerate(chosen) if i % 10 != 9] + held_out)
+    return [t for i, t in enumerate(chosen) if i % 10 != 9], held_out
 
 
 @cache

@@ -39,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     result = chat_sft.main(["--pretrained", str(root / "pre"), "--data", data, "--dev", data,
                             "--out-dir", str(root / "sft"), "--max-steps", "120",
                             "--batch-size", "4", "--eval-interval", "60", "--answer-size", "4",
-                            "--max-new-tokens", "60", "--lr", "1e-2",
+                            "--max-new-tokens", "60", "--lr", "1e-2", "--no-repeat-ngram", "0",
                             "--warmup", "10"])  # fmt: skip
     return root, result
 
@@ -55,7 +55,7 @@ def test_fine_tuning_teaches_the_answers_and_writes_its_outputs(trained) -> None
 def test_chat_once_answers_and_stops_at_the_end_of_turn(trained, capsys) -> None:
     root, _ = trained
     for question, answer in QA:
-        reply = cli_chat.main([str(root / "sft"), "--once", question])
+        reply = cli_chat.main([str(root / "sft"), "--once", question, "--no-repeat-ngram", "0"])
         assert reply == answer  # nothing after <|end|>
         assert capsys.readouterr().out.strip() == answer  # streamed as it was produced
     sampled = cli_chat.main([str(root / "sft"), "--once", QA[0][0], "--temperature", "0.5",

@@ -1,6 +1,6 @@
 """Data: tokenizers, token files, task formats, and transforms as pure functions of a key."""
 
-from functional_llm.data import augment, chat
+from functional_llm.data import augment, chat, fim
 from functional_llm.data.classification import (
     encode_classification,
     label_vocab,
@@ -57,6 +57,7 @@ __all__ = [
     "encode_classification",
     "encode_tagging",
     "eval_windows",
+    "fim",
     "label_vocab",
     "load_tokenizer",
     "mask_tokens",
