@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> str:
         if line == "/reset":
             messages = list(system)
             continue
-        if line.startswith("/system"):
-            system = [{"role": "system", "content": line.removeprefix("/system").strip()}]
+        if line.startswith("/system"):  # an empty text removes the system message
+            text = line.removeprefix("/system").strip()
+            system = [{"role": "system", "content": text}] if text else []
             messages = system + [m for m in messages if m["role"] != "system"]
             continue
         messages.append({"role": "user", "content": line})

@@ -84,3 +84,14 @@ def test_bad_input_is_named(trained, tmp_path: Path) -> None:
     checkpoint.Checkpointer(tmp_path / "bare" / "checkpoints").save(1, saved.state, meta)
     with pytest.raises(checkpoint.CheckpointError, match="holds no tokenizer"):
         cli_chat.main([str(tmp_path / "bare"), "--once", "hi"])
+
+
+def test_the_interactive_loop_and_its_commands(trained, capsys, monkeypatch) -> None:
+    root, _ = trained
+    lines = iter([QA[3][0], "/system", "/reset", QA[2][0], "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    last = cli_chat.main([str(root / "sft"), "--no-repeat-ngram", "0"])
+    said = capsys.readouterr().out
+    assert f"bot> {QA[3][1]}" in said and last == QA[2][1]
+    with pytest.raises(StopIteration):  # /quit returned before reading further
+        next(lines)
