@@ -1,7 +1,8 @@
 """Help-desk conversations about the Python standard library, made from its own documentation.
 
-Every public top-level function and class with a docstring in the standard library's sources
-(read with ``ast``: nothing is imported or run) gives one conversation:
+Every public top-level function and class, and every public method of those classes, with a
+docstring in the standard library's sources (read with ``ast``: nothing is imported or run)
+gives one conversation:
 
 * the user asks what ``module.name`` does (one of a few phrasings, chosen by a key); the
   assistant answers with the docstring's summary (its first sentence);
@@ -97,13 +98,24 @@ def conversations(seed: int = 0) -> tuple[list[list[dict]], list[list[dict]]]:
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
             continue
         module = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
-        for j, node in enumerate(tree.body):
-            if not isinstance(node, ast.FunctionDef | ast.ClassDef) or node.name.startswith("_"):
-                continue
+        for j, (owner, node) in enumerate(_documented(module, tree)):
             doc = ast.get_docstring(node)
             if doc:
-                messages = _conversation(random.fold_in(random.fold_in(base, i), j), module,
+                messages = _conversation(random.fold_in(random.fold_in(base, i), j), owner,
                                          node, doc)  # fmt: skip
                 if messages:
                     split[i % 10 == 9].append(messages)
     return split
+
+
+def _documented(module: str, tree: ast.Module) -> list[tuple[str, ast.FunctionDef | ast.ClassDef]]:
+    """Public top-level functions and classes, and the public methods of those classes, each
+    with the dotted name it is asked about under (``module`` or ``module.Class``)."""
+    out: list[tuple[str, ast.FunctionDef | ast.ClassDef]] = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_"):
+            out.append((module, node))
+            if isinstance(node, ast.ClassDef):
+                methods = [m for m in node.body if isinstance(m, ast.FunctionDef)]
+                out += [(f"{module}.{node.name}", m) for m in methods if m.name[0] != "_"]
+    return out

@@ -95,3 +95,21 @@ def test_the_interactive_loop_and_its_commands(trained, capsys, monkeypatch) -> 
     assert f"bot> {QA[3][1]}" in said and last == QA[2][1]
     with pytest.raises(StopIteration):  # /quit returned before reading further
         next(lines)
+
+
+def test_the_help_desk_holds_out_whole_modules_and_is_well_formed() -> None:
+    from experiments import helpdesk
+    from functional_llm.data import chat
+
+    train, held = helpdesk.conversations()
+    assert len(train) > 1000 and len(held) > 100
+
+    def asked(conv: list[dict]) -> str:  # the dotted name the first question is about
+        question = next(m["content"] for m in conv if m["role"] == "user")
+        return next(w for w in question.rstrip("?.").split() if "." in w)
+
+    held_names = {asked(c) for c in held}
+    assert not held_names & {asked(c) for c in train}  # held-out files' names never trained
+    assert len({n.rsplit(".", 1)[0] for n in held_names}) > 10  # from many modules
+    for conv in train[:300] + held[:100]:
+        assert chat.check_conversation(conv) == conv
