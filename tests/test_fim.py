@@ -53,10 +53,23 @@ def test_fim_windows_keep_their_length_and_shift(seed: int, rate: float) -> None
     for row, original in zip(
         torch.cat([out["inputs"], out["targets"][:, -1:]], 1), tokens, strict=True
     ):
-        if int(row.max()) >= 30:
-            assert torch.equal(fim.restore(row), original[:-4])
+        if int(row.max()) >= 30:  # rewritten: a PSM sequence, then the text that followed it
+            at = int((row == fim.id("end")).nonzero()[0])
+            assert torch.equal(
+                torch.cat([fim.restore(row[: at + 1]), row[at + 1 :]]), original[:-4]
+            )
         else:
             assert torch.equal(row, original)
+
+
+def test_fim_windows_end_their_middles_anywhere() -> None:
+    """<EOM> lands at many places of a window: a middle's length is not the window's rest."""
+    fim = FIM(base=30)
+    tokens = random.randint(random.key(0), (64, 33), 0, 30)
+    out = fim.windows(random.key(1), {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, 1.0)
+    rows = torch.cat([out["inputs"], out["targets"][:, -1:]], 1)
+    ends = {int((row == fim.id("end")).nonzero()[0]) for row in rows}
+    assert len(ends) > 10 and min(ends) < 16
 
 
 def test_bad_fim_requests_are_clear_errors() -> None:

@@ -6,8 +6,8 @@ middle that joins a given prefix to a given suffix.
 
 The four sentinels are ids after the tokenizer's vocabulary (:class:`FIM`: ``V .. V + 3``),
 so no text can forge them. :func:`FIM.transform` cuts a sequence at two points drawn uniformly
-(a pure function of a key), with probability ``rate``, and otherwise keeps it in order with
-the four sentinels' room left as it is; :func:`FIM.restore` is its inverse. To infill, give
+(a pure function of a key), with probability ``rate``, and otherwise keeps it as it is;
+:func:`FIM.restore` is its inverse. :func:`FIM.windows` does it to training windows. To infill, give
 the model :meth:`FIM.prompt` ``(prefix, suffix)`` and read its output up to ``<EOM>``.
 """
 
@@ -75,15 +75,26 @@ class FIM:
 
     def windows(self, key: Key, batch: dict[str, torch.Tensor], rate: float) -> dict:
         """A batch of ``inputs``/``targets`` windows (``targets`` = ``inputs`` shifted by one)
-        with each row, with probability ``rate``, replaced by its first ``T + 1 - 4`` tokens
-        in PSM order (the same ``T + 1`` tokens long). Row ``r`` uses ``fold_in(key, r)``."""
+        with each row, with probability ``rate``, rewritten to the same ``T + 1`` tokens:
+        its first ``L`` tokens in PSM order (``L`` uniform in ``1 .. T - 3``), then the tokens
+        that followed them. ``<EOM>`` so lands anywhere in the window, followed by ordinary
+        text, and the middle's length is not the window's leftover (a model trained with
+        every PSM sequence ending at the window's end learns to fill the window, never to
+        stop). Row ``r`` uses ``fold_in(key, r)``."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"FIM rate must be in [0, 1], got {rate}")
         tokens = torch.cat([batch["inputs"], batch["targets"][:, -1:]], dim=1)
-        if tokens.shape[1] <= len(SENTINELS):
+        room = tokens.shape[1] - len(SENTINELS)
+        if room < 1:
             raise ValueError(f"FIM.windows: windows of {tokens.shape[1]} tokens leave no room")
         rows = []
         for r, row in enumerate(tokens):
-            moved = self.transform(random.fold_in(key, r), row[: -len(SENTINELS)], rate)
-            rows.append(row if len(moved) < len(row) else moved)
+            k_use, k_len, k_cut = random.split(random.fold_in(key, r), 3)
+            if not bool(random.bernoulli(k_use, rate, ())):
+                rows.append(row)
+                continue
+            n = int(random.randint(k_len, (), 1, room + 1))
+            rows.append(torch.cat([self.transform(k_cut, row[:n], 1.0), row[n:room]]))
         out = torch.stack(rows)
         return {**batch, "inputs": out[:, :-1], "targets": out[:, 1:]}
 
