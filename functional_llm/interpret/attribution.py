@@ -145,13 +145,11 @@ def token_attributions(
     encoder-decoder's ``"src_embed"`` or ``"tgt_embed"``); a task head's backbone is found."""
     if getattr(getattr(model, "config", None), "dropout", 0.0):
         raise ValueError("token_attributions: evaluate fl.nn.inference(model), without dropout")
-    site = _embedding_site(model, params, inputs, kwargs, embedding)
-    _, acts = capture(model.apply, params, *inputs, only=site, **kwargs)
+    site, x = _embedding(model, params, inputs, kwargs, embedding)
 
     def f(e: torch.Tensor) -> torch.Tensor:
         return target(capture(model.apply, params, *inputs, only=(), patch={site: e}, **kwargs)[0])
 
-    x = acts[site].detach()
     if method == "integrated_gradients":
         out = integrated_gradients(f, x, steps=steps)
     elif method == "gradient_x_input":
@@ -163,7 +161,10 @@ def token_attributions(
     return Attribution(out.values.sum(-1), out.delta)
 
 
-def _embedding_site(model: Any, params: Any, inputs: tuple, kwargs: dict, embedding: str) -> str:
+def _embedding(
+    model: Any, params: Any, inputs: tuple, kwargs: dict, embedding: str
+) -> tuple[str, torch.Tensor]:
+    """The site of the ``embedding`` table's lookup and its value, from one forward pass."""
     with torch.no_grad():
         _, acts = capture(model.apply, params, *inputs, only="*.output", **kwargs)
     name = f"{embedding}.output"
@@ -171,4 +172,4 @@ def _embedding_site(model: Any, params: Any, inputs: tuple, kwargs: dict, embedd
     if len(found) != 1:
         tables = sorted(s[: -len(".output")] for s in acts if s.endswith("embed.output"))
         raise ValueError(f"no single embedding {embedding!r} in the params; they have {tables}")
-    return found[0]
+    return found[0], acts[found[0]]
