@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from functional_llm import models, optim, tree
+from functional_llm import models, optim, train, tree
 from functional_llm.interpret.intermediates import hidden_states, n_layers
 from functional_llm.types import Params
 
@@ -135,18 +135,16 @@ def fit_tuned_lens(
     fitted: Params = init_tuned_lens(model, params) if lens is None else lens
     _check_lens(model, params, fitted)
     state = opt.init(fitted)
+    step = train.value_and_grad(
+        lambda lens, states, w: (lens_loss(model, params, lens, states, w), None)
+    )
     losses = []
     for inputs, kwargs in batches:
         with torch.no_grad():
-            states = [h.detach() for h in hidden_states(model, params, *inputs, **kwargs)]
-        w = _weight(weight, states[0], inputs, kwargs)
-        with torch.enable_grad():
-            leaves = {k: v.detach().requires_grad_() for k, v in fitted.items()}
-            loss = lens_loss(model, params, leaves, states, w)
-            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
-        updates, state = opt.update(grads, state, fitted)
-        fitted = optim.apply_updates(fitted, updates)
-        losses.append(float(loss.detach()))
+            states = hidden_states(model, params, *inputs, **kwargs)
+        (loss, _), grads = step(fitted, states, _weight(weight, states[0], inputs, kwargs))
+        fitted, state = optim.update_and_apply(opt, fitted, grads, state)
+        losses.append(float(loss))
     return fitted, losses
 
 
