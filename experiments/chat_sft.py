@@ -121,17 +121,13 @@ def encoded(template: chat.ChatTemplate, convs: Sequence, width: int, name: str)
 def answer_loss(model: Any, params: Any, examples: Sequence[dict], end_id: int) -> float:
     """Mean cross-entropy on the assistant's text, ``<|end|>`` left out (a pretrained model
     has never seen that token, so it would not be a fair comparison)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for at in range(0, len(examples), 32):
-            batch = chat.pad_rows(examples[at : at + 32])
-            targets = batch["targets"].masked_fill(batch["targets"] == end_id, IGNORE)
-            logits = model.apply(params, batch["inputs"], valid=batch["valid"])
-            kept = targets != IGNORE
-            total += float(torch.nn.functional.cross_entropy(
-                logits[kept].float(), targets[kept], reduction="sum"))  # fmt: skip
-            count += int(kept.sum())
-    return total / count
+    batches = []
+    for at in range(0, len(examples), 32):
+        batch = chat.pad_rows(examples[at : at + 32])
+        targets = batch["targets"].masked_fill(batch["targets"] == end_id, IGNORE)
+        batches.append({**batch, "targets": targets})
+    step = train.make_eval_step(fl.losses.next_token(model))
+    return train.evaluate(step, params, batches)["loss"]  # weighted by counted tokens
 
 
 _WORDS = re.compile(r"[a-z0-9]+")
@@ -263,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             state, m = step(state, cli.to_device(batch, where))
             if s % 10 == 0:
                 log.record({"step": s, "loss": float(m["loss"])})
-            if s % args.eval_interval == 0 or s == args.max_steps:
+            if s % args.eval_interval == 0 and s < args.max_steps:
                 loss = answer_loss(evaluated, state.params, dev_examples, template.end_id)
                 log.record({"step": s, "answer_loss": loss})
             if stop:
@@ -271,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = state.params
     train_s = time.perf_counter() - started
     after = answer_loss(evaluated, trained, dev_examples, template.end_id)
+    log.record({"step": int(state.step), "answer_loss": after})
     ckpts = checkpoint.Checkpointer(out / "checkpoints", keep=1)
     ckpts.save(int(state.step), {"params": trained},
                {"config": checkpoint.config_to_dict(model.config), "tokenizer": tok.to_json(),
