@@ -404,7 +404,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     params = full_params()
     if log is None:
         return {"val_loss": final["val_loss"], "full_val_loss": full_val}
-    log.close()
     if not args.no_plot:
         cli.plot_losses(log.records, out / "loss.png")
     if guard.skip:
@@ -421,8 +420,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         held_out = stdlib_text.stdlib_files(args.corpus_mb)[1]
         scores = code_eval.evaluate(fl.nn.inference(model), params, tok, held_out,
                                     key=random.key(args.seed + 7), n=args.code_eval)  # fmt: skip
-        with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
-            f.write(runs.strict_json({"step": args.max_iters, "code_eval": scores}) + "\n")
+        log.record({"step": args.max_iters, "code_eval": scores})
+    log.close()
     total = time.perf_counter() - started
     print(f"--- sample (prompt: {prompt.shape[1]} validation tokens) ---\n{sample_text}\n---")
     print(f"val loss {final['val_loss']:.4f} (estimate, {args.eval_iters} batches), "
