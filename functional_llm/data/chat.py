@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from functional_llm.data.reading import DataError
+from functional_llm.data.transforms import pad_batch
 from functional_llm.types import IGNORE
 
 __all__ = [
@@ -199,19 +200,14 @@ class ChatTemplate:
 
 
 def pad_rows(examples: Sequence[Mapping[str, np.ndarray]], width: int | None = None) -> dict:
-    """One example per row, right-padded to ``width`` (default: the longest): ``inputs``,
-    ``targets`` (``IGNORE`` on padding) and ``valid``."""
+    """One example per row, cut to ``width`` and right-padded to it (default: the longest):
+    ``inputs``, ``targets`` (``IGNORE`` on padding) and ``valid``
+    (:func:`~functional_llm.data.pad_batch`)."""
     if not examples:
         raise ValueError("pad_rows: no examples")
-    width = width or max(len(e["inputs"]) for e in examples)
-    inputs = torch.zeros(len(examples), width, dtype=torch.int64)
-    targets = torch.full((len(examples), width), IGNORE, dtype=torch.int64)
-    for r, e in enumerate(examples):
-        n = min(len(e["inputs"]), width)
-        inputs[r, :n] = torch.as_tensor(e["inputs"][:n])
-        targets[r, :n] = torch.as_tensor(e["targets"][:n])
-    lengths = torch.tensor([min(len(e["inputs"]), width) for e in examples])
-    return {"inputs": inputs, "targets": targets, "valid": torch.arange(width) < lengths[:, None]}
+    cut = [{"inputs": e["inputs"][:width], "targets": e["targets"][:width]} for e in examples]
+    # every cut row is at most ``width`` long, so the next multiple of ``width`` is ``width``
+    return pad_batch(cut, {"targets": IGNORE}, length_key="inputs", multiple_of=width or 1)
 
 
 def pack(examples: Sequence[Mapping[str, np.ndarray]], width: int) -> dict:
