@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import functional_llm as fl
-from experiments import cli
+from experiments import cli, seq2seq_task
 from experiments.generate import load as load_gpt
 from functional_llm import checkpoint, data, interpret
 from functional_llm import generate as G
@@ -90,10 +90,7 @@ def _seq2seq(where: Path) -> Subject | None:
     restored = checkpoint.Checkpointer(where / "checkpoints").restore()
     if restored is None or "src_vocab_size" not in restored.metadata.get("config", {}):
         return None
-    cfg = checkpoint.config_from_dict(fl.models.TransformerConfig, restored.metadata["config"])
-    model = fl.models.Transformer(cfg)
-    tok = data.tokenizer_from_json(restored.metadata["tokenizer"], f"{where}'s tokenizer")
-    return Subject("seq2seq", model, cli.trained_params(model, restored.state), tok)
+    return Subject("seq2seq", *seq2seq_task.trained(restored, str(where)))
 
 
 def _classifier(path: Path) -> Subject:

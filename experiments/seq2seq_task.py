@@ -248,8 +248,15 @@ def use_trained(args: argparse.Namespace, sources: Sequence[str]) -> list[str]:
     restored = ckpts.restore()
     if restored is None:
         raise checkpoint.CheckpointError(f"no trained model in {args.out_dir}: train one first")
-    tok = data.tokenizer_from_json(restored.metadata["tokenizer"], "the checkpoint's tokenizer")
+    model, params, tok = trained(restored, "the checkpoint")
+    params = cli.to_device(params, cli.device(args))
+    return generate(fl.nn.inference(model), params, tok, sources, args, args.num_beams)
+
+
+def trained(restored: checkpoint.Restored, name: str) -> tuple[Any, Any, Any]:
+    """``(model, params, tokenizer)`` of a translate or summarize checkpoint, as its metadata
+    describes them (``name`` is what an error calls its tokenizer's owner)."""
+    tok = data.tokenizer_from_json(restored.metadata["tokenizer"], f"{name}'s tokenizer")
     cfg = checkpoint.config_from_dict(fl.models.TransformerConfig, restored.metadata["config"])
-    model = fl.nn.inference(fl.models.Transformer(cfg))
-    params = cli.to_device(cli.trained_params(model, restored.state), cli.device(args))
-    return generate(model, params, tok, sources, args, args.num_beams)
+    model = fl.models.Transformer(cfg)
+    return model, cli.trained_params(model, restored.state), tok
