@@ -38,19 +38,20 @@ def readout(model: Any, params: Params, h: torch.Tensor) -> torch.Tensor:
         return model.logits(params, model.stack.finish(params, h))
     if isinstance(model, models.BERT):
         return model.mlm_logits(params, model.stack.finish(params, h))
-    if isinstance(model, models.Transformer):
-        return model.logits(params, model.core.decoder.finish(params["decoder"], h))
-    raise TypeError(
-        f"a lens reads a GPT, a BERT or a Transformer out through its vocabulary; got "
-        f"{type(model).__name__}"
-    )
+    _check_family(model, "readout")
+    return model.logits(params, model.core.decoder.finish(params["decoder"], h))
+
+
+def _check_family(model: Any, name: str) -> None:
+    if not isinstance(model, models.GPT | models.BERT | models.Transformer):
+        raise TypeError(f"{name}: reads a GPT, a BERT or a Transformer out through its "
+                        f"vocabulary; got {type(model).__name__}")  # fmt: skip
 
 
 def _check(model: Any, name: str, kwargs: dict[str, Any]) -> None:
+    _check_family(model, name)
     if getattr(model.config, "dropout", 0.0):
         raise ValueError(f"{name}: evaluate fl.nn.inference(model), without dropout")
-    if not isinstance(model, models.GPT | models.BERT | models.Transformer):
-        raise TypeError(f"{name}: reads a GPT, a BERT or a Transformer, got {type(model).__name__}")
     if kwargs.get("stack") not in (None, "decoder"):
         raise ValueError(f"{name}: only the decoder's states read out through the vocabulary, "
                          f"not stack={kwargs['stack']!r}")  # fmt: skip
