@@ -60,7 +60,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--summarize", help="summarise every function of this Python file")
     task.add_args(p, "out/summarize", max_source=128, max_target=32)
-    p.set_defaults(batch_size=32, max_steps=1000, eval_interval=250, ckpt_interval=250)
+    p.set_defaults(
+        batch_size=32,
+        max_steps=1100,
+        warmup=200,
+        dropout=0.1,
+        eval_interval=100,
+        ckpt_interval=100,
+        average=4,
+    )  # 6.4 epochs of 5,497 functions
     args = p.parse_args(argv)
     task.check_args(p, args)
     if args.summarize:

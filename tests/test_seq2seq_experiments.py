@@ -4,8 +4,11 @@ write: outputs, scores and baselines, the trained model reused, resume, and bad 
 import json
 
 import pytest
+import torch
 
-from experiments import summarize, translate
+import functional_llm as fl
+from experiments import cli, summarize, translate
+from experiments import seq2seq_task as task
 from functional_llm import checkpoint
 
 TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--vocab-size", "300",
@@ -40,6 +43,21 @@ def test_translation_trains_scores_against_its_baselines_and_translates(tmp_path
     assert capsys.readouterr().out.startswith("open the file\n  -> ")
 
 
+def test_checkpoint_averaging_takes_the_mean_of_the_newest_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    pairs = write_tsv(tmp_path / "t.tsv", PAIRS)
+    translate.main([*TINY, "--train", pairs, "--dev", pairs, "--out-dir", str(out),
+                    "--max-steps", "9", "--average", "2"])  # fmt: skip
+    ckpts = checkpoint.Checkpointer(out / "checkpoints")
+    assert ckpts.steps() == [6, 9]  # --average 2 keeps (at least) two
+    model, last, _ = task.trained(ckpts.restore(), "the run")
+    before = cli.trained_params(model, ckpts.load(step=6))
+    mean = fl.tree.map(lambda a, b: (a + b) / 2, before, last)
+    torch.testing.assert_close(task.averaged(ckpts, model, 2), mean)
+    torch.testing.assert_close(task.averaged(ckpts, model, 5), mean)  # all there are
+    torch.testing.assert_close(task.averaged(ckpts, model, 1), last)
+
+
 def test_a_tiny_translator_memorises_its_pairs(tmp_path):
     """The experiment's own loop (collator, shift, loss, optimizer, greedy and beam decoding)
     fits six pairs exactly: every greedy and beam output equals its reference."""
@@ -51,8 +69,8 @@ def test_a_tiny_translator_memorises_its_pairs(tmp_path):
                              "--lr", "3e-3", "--batch-size", "8", "--label-smoothing", "0",
                              "--eval-size", "6", "--num-beams", "2", "--no-plot",
                              "--out-dir", str(out)])  # fmt: skip
-    blocks = [dict(line.split(":", 1) for line in block.splitlines())
-              for block in (out / "samples.txt").read_text(encoding="utf-8").split("\n\n")]  # fmt: skip
+    samples = (out / "samples.txt").read_text(encoding="utf-8").split("\n\n")
+    blocks = [dict(line.split(":", 1) for line in block.splitlines()) for block in samples]
     assert len(blocks) == len(PAIRS)
     for block in blocks:
         reference = block["reference"].strip()
