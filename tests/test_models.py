@@ -190,11 +190,32 @@ def test_gpt_classifier_pools_the_last_real_token():
             ),
             "TransformerConfig.positions",
         ),
+        (
+            lambda: models.TransformerConfig(src_vocab_size=10, tgt_vocab_size=10, embed_std=0.0),
+            "TransformerConfig.embed_std",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(make, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         make()
+
+
+def test_transformer_embeddings_start_at_the_configured_scale():
+    """``embed_std`` sets both embeddings' N(0, std^2) init (1: torch.nn.Embedding's); the
+    other parameters do not depend on it."""
+
+    def make(std: float) -> models.Transformer:
+        config = models.TransformerConfig(
+            src_vocab_size=512, tgt_vocab_size=512, d_model=64, nhead=4, embed_std=std
+        )
+        return models.Transformer(config)
+
+    wide, narrow = make(1.0).init(random.key(0)), make(0.125).init(random.key(0))
+    for side in ("src_embed", "tgt_embed"):
+        assert float(wide[side]["table"].std()) == pytest.approx(1.0, rel=0.03)
+        torch.testing.assert_close(narrow[side]["table"], wide[side]["table"] * 0.125)
+    torch.testing.assert_close(narrow["encoder"], wide["encoder"])
 
 
 def test_configs_are_frozen_and_hashable():
