@@ -104,10 +104,17 @@ def _starts(prev: str, prev_kind: str, tag: str, kind: str) -> bool:
 
 
 def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """The ``(type, first, last)`` chunks of a BIO or BIOES tag sequence (inclusive ends)."""
+    """The ``(type, first, last)`` chunks of a BIO or BIOES tag sequence (inclusive ends),
+    as seqeval's and conlleval's ``get_entities`` find them. A tag with another prefix (``X``,
+    ``.``) is an error naming it and its position: seqeval chunks those by accident (an ``O``
+    has type ``_`` there, so an untyped ``X`` chunk never closes) and warns."""
     found, prev, prev_kind, begin = [], "O", "", 0
     for i, tag in enumerate([*tags, "O"]):
         prefix, kind = _parts(tag)
+        if prefix not in ("B", "I", "E", "S", "O"):
+            raise ValueError(
+                f"entities: tag {tag!r} at position {i} is not O or B-, I-, E-, S- (BIO/BIOES)"
+            )
         if _ends(prev, prev_kind, prefix, kind):
             found.append((prev_kind, begin, i - 1))
         if _starts(prev, prev_kind, prefix, kind):

@@ -2,6 +2,7 @@
 F1, seqeval / conlleval entities, the official SQuAD v2.0 script)."""
 
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -39,6 +40,22 @@ def test_entities_follow_conlleval():
         ("MISC", 7, 7),
         ("X", 8, 9),
     ]
+
+
+_BIOES = ["O", "B-A", "I-A", "E-A", "S-A", "B-B", "I-B", "E-B", "S-B", "B", "I", "E", "S"]
+
+
+@given(tags=st.lists(st.sampled_from(_BIOES), max_size=12))
+def test_entities_equal_seqevals_on_bio_and_bioes(tags):
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    assert sorted(metrics.entities(tags)) == sorted(get_entities(tags))
+
+
+@pytest.mark.parametrize("tag", ["X", "X-PER", "."])
+def test_tags_outside_bio_and_bioes_are_rejected(tag):
+    with pytest.raises(ValueError, match=rf"tag '{re.escape(tag)}' at position 1 is not O or B-"):
+        metrics.entities(["B-PER", tag, "O"])
 
 
 def test_entity_scores_match_seqevals_readme_example():
