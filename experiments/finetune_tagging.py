@@ -33,12 +33,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--scheme", choices=("bio", "bioes"), default="bio")
     common.add_args(p, "out/finetune_tagging", epochs=4)
     args = common.parse(p, argv)
-    run = common.open_run(args)
     train_s, dev_s = common.train_dev(p, args, data.read_conll, stdlib_text.tagging_task)
     if args.scheme == "bioes":
         train_s = [(w, data.bio_to_bioes(t)) for w, t in train_s]
         dev_s = [(w, data.bio_to_bioes(t)) for w, t in dev_s]
     tags = sorted({t for _, ts in train_s for t in ts} | {"O"})
+    seen = {t for _, ts in [*train_s, *dev_s] for t in ts}
+    schemeless = sorted(
+        t for t in seen if t != "O" and t.partition("-")[0] not in ["B", "I", "E", "S"]
+    )
+    if schemeless:
+        p.error(f"tags {schemeless} are not BIO/BIOES (O, B-, I-, E-, S-): entity F1 needs them")
+    run = common.open_run(args)  # only once the data is known to be usable: nothing half-made
     print(f"{len(train_s):,} training and {len(dev_s):,} dev sentences; tags {tags}")
 
     texts = lambda: [" ".join(w) for w, _ in train_s]  # noqa: E731

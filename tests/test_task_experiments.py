@@ -113,6 +113,16 @@ def test_tagging_on_conll(pretrained, tmp_path):
     assert {"precision", "recall", "f1", "word_accuracy"} <= set(result)
 
 
+def test_tagging_names_tags_outside_bio_before_training(tmp_path, capsys):
+    (tmp_path / "t.conll").write_text("The O\ncat B-ANIMAL\nsat X\n\n")
+    conll = str(tmp_path / "t.conll")
+    with pytest.raises(SystemExit):
+        load("finetune_tagging").main(["--train", conll, "--dev", conll, "--out-dir",
+                                       str(tmp_path / "o")])  # fmt: skip
+    assert "tags ['X'] are not BIO/BIOES" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
 def test_qa_on_squad_with_held_out_articles(pretrained, tmp_path):
     root, _ = pretrained
     articles = []
