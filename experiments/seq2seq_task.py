@@ -240,7 +240,7 @@ def run(
     train_seconds = time.perf_counter() - train_started
     save(args.max_steps)
     evaluated = fl.nn.inference(model)
-    params = cli.to_device(averaged(ckpts, model, args.average), where)
+    params = averaged(ckpts, model, args.average, state.params, args.max_steps)
     if args.average > 1:
         print(f"scoring the mean params of the checkpoints at {ckpts.steps()[-args.average :]}")
     sources, references = [s for s, _ in held], [t for _, t in held]
@@ -276,19 +276,24 @@ def use_trained(args: argparse.Namespace, sources: Sequence[str]) -> list[str]:
     restored = ckpts.restore()
     if restored is None:
         raise checkpoint.CheckpointError(f"no trained model in {args.out_dir}: train one first")
-    model, _, tok = trained(restored, "the checkpoint")
-    params = averaged(ckpts, model, restored.metadata["args"].get("average", 1))
-    params = cli.to_device(params, cli.device(args))
+    model, params, tok = trained(restored, "the checkpoint")
+    n = restored.metadata["args"].get("average", 1)
+    params = averaged(ckpts, model, n, cli.to_device(params, cli.device(args)), restored.step)
     return generate(fl.nn.inference(model), params, tok, sources, args, args.num_beams)
 
 
-def averaged(ckpts: checkpoint.Checkpointer, model: Any, n: int) -> Any:
-    """The mean params of the newest ``n`` checkpoints (fewer when fewer are kept): averaging
+def averaged(ckpts: checkpoint.Checkpointer, model: Any, n: int, params: Any, step: int) -> Any:
+    """The mean of ``params`` (those of the checkpoint at ``step``, already in hand: not read
+    again) and of the ``n - 1`` checkpoints before it (fewer when fewer are kept), on the
+    device of ``params``. Averaging
     the last few checkpoints of a run is a free ensemble that NMT toolkits apply by default
     (fairseq's ``average_checkpoints.py``, Marian's exponential smoothing)."""
-    steps = ckpts.steps()[-n:]
-    trees = [cli.trained_params(model, ckpts.load(step=step)) for step in steps]
-    return fl.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)
+    older = [s for s in ckpts.steps() if s < step][-(n - 1) :] if n > 1 else []
+    if not older:
+        return params
+    where = fl.tree.leaves(params)[0].device
+    trees = [cli.to_device(cli.trained_params(model, ckpts.load(step=s)), where) for s in older]
+    return fl.tree.map(lambda *leaves: sum(leaves) / len(leaves), params, *trees)
 
 
 def trained(restored: checkpoint.Restored, name: str) -> tuple[Any, Any, Any]:

@@ -53,9 +53,9 @@ def test_checkpoint_averaging_takes_the_mean_of_the_newest_checkpoints(tmp_path)
     model, last, _ = task.trained(ckpts.restore(), "the run")
     before = cli.trained_params(model, ckpts.load(step=6))
     mean = fl.tree.map(lambda a, b: (a + b) / 2, before, last)
-    torch.testing.assert_close(task.averaged(ckpts, model, 2), mean)
-    torch.testing.assert_close(task.averaged(ckpts, model, 5), mean)  # all there are
-    torch.testing.assert_close(task.averaged(ckpts, model, 1), last)
+    torch.testing.assert_close(task.averaged(ckpts, model, 2, last, 9), mean)
+    torch.testing.assert_close(task.averaged(ckpts, model, 5, last, 9), mean)  # all there are
+    torch.testing.assert_close(task.averaged(ckpts, model, 1, last, 9), last)
 
 
 def test_a_tiny_translator_memorises_its_pairs(tmp_path):
