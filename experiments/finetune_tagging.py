@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dev_s = [(w, data.bio_to_bioes(t)) for w, t in dev_s]
     tags = sorted({t for _, ts in train_s for t in ts} | {"O"})
     seen = {t for _, ts in [*train_s, *dev_s] for t in ts}
-    schemeless = sorted(
-        t for t in seen if t != "O" and t.partition("-")[0] not in ["B", "I", "E", "S"]
-    )
+    schemeless = sorted(t for t in seen if not metrics.is_entity_tag(t))
     if schemeless:
         p.error(f"tags {schemeless} are not BIO/BIOES (O, B-, I-, E-, S-): entity F1 needs them")
     run = common.open_run(args)  # only once the data is known to be usable: nothing half-made

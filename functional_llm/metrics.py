@@ -36,6 +36,7 @@ __all__ = [
     "entities",
     "entity_scores",
     "exact_match",
+    "is_entity_tag",
     "macro_f1",
     "normalize_answer",
     "perplexity",
@@ -103,6 +104,15 @@ def _starts(prev: str, prev_kind: str, tag: str, kind: str) -> bool:
     )
 
 
+_SCHEME = ("B", "I", "E", "S", "O")  # the prefixes of BIO and BIOES
+
+
+def is_entity_tag(tag: str) -> bool:
+    """Whether ``tag`` belongs to BIO/BIOES: ``O`` (or empty), or ``B-``, ``I-``, ``E-``,
+    ``S-`` with or without a type."""
+    return _parts(tag)[0] in _SCHEME
+
+
 def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     """The ``(type, first, last)`` chunks of a BIO or BIOES tag sequence (inclusive ends),
     as seqeval's and conlleval's ``get_entities`` find them. A tag with another prefix (``X``,
@@ -111,7 +121,7 @@ def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     found, prev, prev_kind, begin = [], "O", "", 0
     for i, tag in enumerate([*tags, "O"]):
         prefix, kind = _parts(tag)
-        if prefix not in ("B", "I", "E", "S", "O"):
+        if prefix not in _SCHEME:
             raise ValueError(
                 f"entities: tag {tag!r} at position {i} is not O or B-, I-, E-, S- (BIO/BIOES)"
             )
