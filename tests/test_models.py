@@ -194,6 +194,12 @@ def test_gpt_classifier_pools_the_last_real_token():
             lambda: models.TransformerConfig(src_vocab_size=10, tgt_vocab_size=10, embed_std=0.0),
             "TransformerConfig.embed_std",
         ),
+        (
+            lambda: models.TransformerConfig(
+                src_vocab_size=10, tgt_vocab_size=12, share_embeddings=True
+            ),
+            "TransformerConfig.share_embeddings",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(make, field):
@@ -216,6 +222,28 @@ def test_transformer_embeddings_start_at_the_configured_scale():
         assert float(wide[side]["table"].std()) == pytest.approx(1.0, rel=0.03)
         torch.testing.assert_close(narrow[side]["table"], wide[side]["table"] * 0.125)
     torch.testing.assert_close(narrow["encoder"], wide["encoder"])
+
+
+@given(tie=st.booleans(), seed=st.integers(0, 99))
+def test_shared_embeddings_are_one_table_read_by_both_sides(tie, seed):
+    """With ``share_embeddings`` the model is the unshared one whose source table is the target
+    table: the same logits, and the shared table's gradient is the sum of the two tables'."""
+    shared = transformer(tgt_vocab_size=VOCAB, share_embeddings=True, tie_output=tie)
+    separate = transformer(tgt_vocab_size=VOCAB, tie_output=tie)
+    p = shared.init(random.key(seed))
+    assert "src_embed" not in p and set(p) == set(separate.init(random.key(0))) - {"src_embed"}
+    src, tgt = tokens(seed, (2, 6)), tokens(seed + 1, (2, 5))
+
+    def loss(model, params):
+        return model.apply(params, src, tgt).square().mean()
+
+    copied = {**p, "src_embed": p["tgt_embed"]}
+    torch.testing.assert_close(shared.apply(p, src, tgt), separate.apply(copied, src, tgt))
+    g_shared = torch.func.grad(lambda q: loss(shared, q))(p)
+    g_separate = torch.func.grad(lambda q: loss(separate, q))(copied)
+    both = g_separate["src_embed"]["table"] + g_separate["tgt_embed"]["table"]
+    torch.testing.assert_close(g_shared["tgt_embed"]["table"], both)
+    torch.testing.assert_close(g_shared["decoder"], g_separate["decoder"])
 
 
 def test_configs_are_frozen_and_hashable():

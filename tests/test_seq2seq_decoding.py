@@ -16,8 +16,12 @@ from functional_llm import random
 
 @st.composite
 def transformers(draw):
+    share = draw(st.booleans())
+    src_vocab = draw(st.integers(5, 30))
     return fl.models.TransformerConfig(
-        src_vocab_size=draw(st.integers(5, 30)), tgt_vocab_size=draw(st.integers(5, 30)),
+        src_vocab_size=src_vocab,
+        tgt_vocab_size=src_vocab if share else draw(st.integers(5, 30)),
+        share_embeddings=share,
         d_model=16, nhead=draw(st.sampled_from([1, 2, 4])),
         num_encoder_layers=draw(st.integers(1, 2)), num_decoder_layers=draw(st.integers(1, 3)),
         dim_feedforward=32, dropout=0.0, max_seq_len=16, norm_first=draw(st.booleans()),

@@ -19,6 +19,9 @@ FAMILIES = {
     "transformer_tied": lambda: transformer(
         num_encoder_layers=2, num_decoder_layers=1, tie_output=True, tgt_vocab_size=VOCAB
     ),
+    "transformer_shared": lambda: transformer(
+        num_encoder_layers=1, num_decoder_layers=2, tgt_vocab_size=VOCAB, share_embeddings=True
+    ),
 }
 
 

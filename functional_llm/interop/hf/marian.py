@@ -82,7 +82,13 @@ def _config(hf: dict[str, Any]) -> TransformerConfig:
 
 
 def _to_hf(c: TransformerConfig) -> dict[str, Any]:
-    fields = {"norm_first": False, "final_norm": False, "positions": "learned", "tie_output": False}
+    fields = {
+        "norm_first": False,
+        "final_norm": False,
+        "positions": "learned",
+        "tie_output": False,
+        "share_embeddings": False,
+    }
     for name, want in fields.items():
         if getattr(c, name) != want:
             raise MappingError(
