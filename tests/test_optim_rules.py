@@ -123,3 +123,76 @@ def test_schedule_edge_cases_follow_optax():
     assert [float(held(t)) for t in (0, 1, 100)] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match=r"decay_steps \(5\) must be > warmup_steps \(5\)"):
         optim.warmup_cosine(1.0, 5, 5)
+
+
+def _steps(opt, grads):
+    """The updates of ``opt`` for a sequence of float64 gradients of one leaf."""
+    params = {"w": torch.zeros_like(grads[0], dtype=torch.float64)}
+    state, out = opt.init(params), []
+    for g in grads:
+        u, state = opt.update({"w": g.double()}, state, params)
+        out.append(u["w"].numpy())
+    return out
+
+
+GRADS = [torch.tensor([0.0, 1e-5, -0.3, 2.0]), torch.tensor([0.0, -2e-5, 0.5, 1.0])]
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_rmsprop_eps_in_or_outside_the_root(centered, eps_in_sqrt):
+    """torch.optim.RMSprop's ``g / (sqrt(v) + eps)``, or Optax's ``g / sqrt(v + eps)``
+    (``scale_by_rms``; ``scale_by_stddev`` when centered), on gradients whose ``v`` is 0 or
+    near ``eps``, where the two differ."""
+    decay, eps, lr = 0.9, 1e-8, 0.1
+    v, m, want = np.zeros(4), np.zeros(4), []
+    for g in (g.double().numpy() for g in GRADS):
+        v = decay * v + (1 - decay) * g**2
+        m = decay * m + (1 - decay) * g if centered else m
+        var = v - m**2
+        denom = np.sqrt(var + eps) if eps_in_sqrt else np.sqrt(var) + eps
+        want.append(-lr * g / denom)
+    opt = optim.rmsprop(lr, alpha=decay, eps=eps, centered=centered, eps_in_sqrt=eps_in_sqrt)
+    for got, w in zip(_steps(opt, GRADS), want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+def test_adagrad_eps_in_or_outside_the_root(eps_in_sqrt):
+    """torch.optim.Adagrad's ``g / (sqrt(s) + eps)``, or Optax's ``g / sqrt(s + eps)`` with a
+    zero update where ``s = 0`` (Optax's defaults: accumulator 0.1, eps 1e-7; here 0 so that
+    the ``s = 0`` case occurs)."""
+    eps, lr = 1e-7, 0.1
+    s, want = np.zeros(4), []
+    for g in (g.double().numpy() for g in GRADS):
+        s = s + g**2
+        if eps_in_sqrt:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                u = np.where(s > 0, g / np.sqrt(s + eps), 0.0)
+        else:
+            u = g / (np.sqrt(s) + eps)
+        want.append(-lr * u)
+    opt = optim.adagrad(lr, eps=eps, eps_in_sqrt=eps_in_sqrt)
+    for got, w in zip(_steps(opt, GRADS), want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
+def test_clip_by_global_norm_torch_and_optax_rules(scale):
+    """``eps=1e-6`` is ``clip_grad_norm_``'s ``min(1, c / (||g|| + 1e-6))``; ``eps=0`` is
+    Optax's ``g if ||g|| < c else g c / ||g||``, which leaves a gradient of norm exactly ``c``
+    as it is."""
+    g = np.array([3.0, -4.0, 0.0]) / 5 * scale  # norm = scale
+    c, norm = 1.0, np.linalg.norm(g)
+    torch_rule = g * min(1.0, c / (norm + 1e-6))
+    optax_rule = g if norm < c else g * c / norm
+    for opt, want in ((optim.clip_by_global_norm(c), torch_rule),
+                      (optim.clip_by_global_norm(c, eps=0.0), optax_rule)):  # fmt: skip
+        u, _ = opt.update({"w": torch.tensor(g)}, opt.init({"w": torch.zeros(3)}))
+        np.testing.assert_allclose(u["w"].numpy(), want, rtol=1e-15, atol=0)
+    params = {"w": torch.tensor(g)}
+    reference = params["w"].clone().requires_grad_(True)
+    reference.grad = torch.tensor(g)
+    torch.nn.utils.clip_grad_norm_([reference], c)
+    u, _ = optim.clip_by_global_norm(c).update(params, None)
+    torch.testing.assert_close(u["w"], reference.grad, rtol=1e-15, atol=0)

@@ -99,6 +99,10 @@ def adamw(
     """AdamW (Loshchilov & Hutter 2019): ``u = -lr (adam(g) + wd p)``, decay restricted to
     ``mask`` (e.g. not norms and biases).
 
+    The default ``weight_decay=1e-2`` is ``torch.optim.AdamW``'s; Optax's ``adamw`` defaults to
+    1e-4, so pass ``weight_decay=1e-4`` to match an Optax run that kept its default. Both scale
+    the decay by the learning rate, as here.
+
     Its ``update_in_place`` takes the same step with ``torch.optim.AdamW(fused=True)``'s kernel
     in the buffers of params and state (the state keeps the structure ``update`` gives it), one
     kernel call per decay group: what :func:`update_and_apply` runs with ``donate=True``."""
@@ -154,11 +158,18 @@ def rmsprop(
     weight_decay: Scalar = 0.0,
     momentum: Scalar = 0.0,
     centered: bool = False,
+    eps_in_sqrt: bool = False,
 ) -> GradientTransformation:
-    """RMSprop as ``torch.optim.RMSprop`` (``eps`` outside the root; momentum on ``g / rms``)."""
+    """RMSprop as ``torch.optim.RMSprop``: ``u = -lr g / (sqrt(v) + eps)``, momentum on
+    ``g / rms`` (:func:`scale_by_rms`).
+
+    Where Optax differs: it puts ``eps`` inside the root, ``g / sqrt(v + eps)``
+    (``eps_in_sqrt=True`` here), and its default ``decay`` is 0.9 where torch's ``alpha`` is
+    0.99. The two forms part where ``v`` is near ``eps``: for ``v = 0`` the update is
+    ``g / eps`` against ``g / sqrt(eps)``."""
     return chain(
         _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
-        scale_by_rms(alpha, eps, centered),
+        scale_by_rms(alpha, eps, centered, eps_in_sqrt),
         _unless_zero(momentum, trace(momentum)),
         scale_by_learning_rate(learning_rate),
     )
@@ -169,11 +180,17 @@ def adagrad(
     initial_accumulator_value: float = 0.0,
     eps: Scalar = 1e-10,
     weight_decay: Scalar = 0.0,
+    eps_in_sqrt: bool = False,
 ) -> GradientTransformation:
-    """Adagrad as ``torch.optim.Adagrad`` (no ``lr_decay``: pass a schedule instead)."""
+    """Adagrad as ``torch.optim.Adagrad``: ``u = -lr g / (sqrt(s) + eps)`` (no ``lr_decay``:
+    pass a schedule instead; :func:`scale_by_rss`).
+
+    Where Optax differs: ``eps`` inside the root and a zero update where ``s = 0``
+    (``eps_in_sqrt=True`` here), and its defaults are ``initial_accumulator_value=0.1`` and
+    ``eps=1e-7`` where torch's are 0 and 1e-10: pass those for Optax's ``adagrad``."""
     return chain(
         _unless_zero(weight_decay, add_decayed_weights(weight_decay)),
-        scale_by_rss(initial_accumulator_value, eps),
+        scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt),
         scale_by_learning_rate(learning_rate),
     )
 

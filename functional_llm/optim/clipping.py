@@ -38,10 +38,10 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(ops.norms(leaves)))
 
 
-def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """``min(1, max_norm / (norm + 1e-6))``: what scales a gradient of global norm ``norm``
-    to at most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s rule)."""
-    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+def clip_factor(norm: torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """``min(1, max_norm / (norm + eps))``: what scales a gradient of global norm ``norm``
+    to at most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s rule, with its ``1e-6``)."""
+    return (max_norm / (norm + eps)).clamp(max=1.0)
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -49,13 +49,18 @@ def clip(max_delta: float) -> GradientTransformation:
     return stateless(lambda g, p: ops.clamp(g, -max_delta, max_delta))
 
 
-def clip_by_global_norm(max_norm: float) -> GradientTransformation:
-    """Scale all updates by ``min(1, max_norm / (||g|| + 1e-6))``, as
-    ``torch.nn.utils.clip_grad_norm_``; the norm is over the leaves this transform sees."""
+def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> GradientTransformation:
+    """Scale all updates by ``min(1, max_norm / (||g|| + eps))``; the norm is over the leaves
+    this transform sees.
+
+    The default ``eps=1e-6`` is ``torch.nn.utils.clip_grad_norm_``'s, so a gradient whose norm
+    is exactly ``max_norm`` still shrinks by a factor ``1 - 1e-6 / max_norm``. ``eps=0`` is
+    Optax's ``clip_by_global_norm``: ``g`` unchanged while ``||g|| < max_norm``, else
+    ``g max_norm / ||g||``."""
 
     def rescale(g: list[torch.Tensor], p: list[torch.Tensor]) -> list[torch.Tensor]:
-        factor = clip_factor(torch.linalg.vector_norm(torch.stack(ops.norms(g))), max_norm)
-        return ops.mul(g, factor.to(g[0].dtype))
+        norm = torch.linalg.vector_norm(torch.stack(ops.norms(g)))
+        return ops.mul(g, clip_factor(norm, max_norm, eps).to(g[0].dtype))
 
     return stateless(rescale)
 

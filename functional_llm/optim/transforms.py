@@ -130,12 +130,14 @@ class ScaleByRmsState(NamedTuple):
 
 
 def scale_by_rms(
-    decay: Scalar = 0.99, eps: Scalar = 1e-8, centered: bool = False
+    decay: Scalar = 0.99, eps: Scalar = 1e-8, centered: bool = False, eps_in_sqrt: bool = False
 ) -> GradientTransformation:
-    """RMSprop's direction (Hinton 2012), torch.optim's form with ``eps`` outside the root::
+    """RMSprop's direction (Hinton 2012)::
 
-    v = decay v + (1 - decay) g^2,  m = decay m + (1 - decay) g  (centered only)
-    u = g / (sqrt(v - m^2) + eps)
+    v = decay v + (1 - decay) g^2,  m = decay m + (1 - decay) g  (centered only; else m = 0)
+    u = g / (sqrt(v - m^2) + eps)      torch.optim.RMSprop's form, the default
+    u = g / sqrt(v - m^2 + eps)        eps_in_sqrt=True: Optax's (``scale_by_rms``,
+                                       ``scale_by_stddev``)
     """
 
     def init(params: PyTree) -> ScaleByRmsState:
@@ -150,7 +152,10 @@ def scale_by_rms(
         nu = ops.ema_of_squares(up_to(spec, state.nu), g, decay)
         mu = ops.ema(up_to(spec, state.mu), g, decay) if centered else None
         var = ops.sub(nu, ops.mul(mu, mu)) if centered and mu is not None else nu
-        u = ops.div(g, ops.add_scalar(ops.sqrt(var), eps))
+        if eps_in_sqrt:
+            u = ops.div(g, ops.sqrt(ops.add_scalar(var, eps)))
+        else:
+            u = ops.div(g, ops.add_scalar(ops.sqrt(var), eps))
         return unflat(spec, u), ScaleByRmsState(
             unflat(spec, nu), None if mu is None else unflat(spec, mu)
         )
@@ -163,9 +168,14 @@ class ScaleByRssState(NamedTuple):
 
 
 def scale_by_rss(
-    initial_accumulator_value: float = 0.0, eps: Scalar = 1e-10
+    initial_accumulator_value: float = 0.0, eps: Scalar = 1e-10, eps_in_sqrt: bool = False
 ) -> GradientTransformation:
-    """Adagrad's direction (Duchi et al. 2011): ``s = s + g^2``, ``u = g / (sqrt(s) + eps)``."""
+    """Adagrad's direction (Duchi et al. 2011)::
+
+    s = s + g^2
+    u = g / (sqrt(s) + eps)                     torch.optim.Adagrad's form, the default
+    u = g / sqrt(s + eps) where s > 0, else 0   eps_in_sqrt=True: Optax's ``scale_by_rss``
+    """
 
     def init(params: PyTree) -> ScaleByRssState:
         leaves, spec = flat(params)
@@ -180,7 +190,12 @@ def scale_by_rss(
         if not g:
             return updates, state
         s = ops.add(up_to(spec, state.sum_of_squares), ops.mul(g, g))
-        u = ops.div(g, ops.add_scalar(ops.sqrt(s), eps))
+        if eps_in_sqrt:
+            u = [
+                torch.where(t > 0, x * torch.rsqrt(t + eps), 0.0) for x, t in zip(g, s, strict=True)
+            ]
+        else:
+            u = ops.div(g, ops.add_scalar(ops.sqrt(s), eps))
         return unflat(spec, u), ScaleByRssState(unflat(spec, s))
 
     return GradientTransformation(init, update)
