@@ -103,3 +103,33 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_saves(tmp_pa
     resumed = subprocess.run(again, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {step})" in resumed.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not shutil.which("torchrun"), reason="torchrun")
+@pytest.mark.slow  # four processes under torchrun (--full tier)
+def test_the_readme_torchrun_script_prints_once_the_loss_of_one_process(tmp_path):
+    """The README's ``torchrun --nproc-per-node 4`` script (dp=2 with FSDP, tp=2) runs as
+    written, prints its table and loss once, and its loss is the one-process step's."""
+    import re
+
+    from functional_llm import losses, models, optim, random, train
+
+    readme = (ROOT / "README.md").read_text()
+    script = re.search(r"A script for `torchrun.*?```py\n(.*?)```", readme, flags=re.S)
+    assert script is not None
+    (tmp_path / "script.py").write_text(script.group(1))
+    run = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "4", str(tmp_path / "script.py")],
+        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = re.findall(r"^loss (\S+)$", run.stdout, flags=re.M)
+    assert len(printed) == 1 and run.stdout.count("placements") == 1, run.stdout
+
+    model = models.GPT(models.GPTConfig(vocab_size=64, max_seq_len=64, d_model=128, n_heads=4))
+    opt = optim.adamw(1e-3)
+    state = train.init_state(model.init(random.key(0)), opt, random.key(1))
+    batch = {"tokens": random.randint(random.key(2), (8, 65), 0, 64)}
+    _, metrics = train.make_step(losses.next_token(model), opt)(state, batch)
+    assert abs(float(printed[0]) - float(metrics["loss"])) < 1e-5
