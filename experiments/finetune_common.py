@@ -232,9 +232,12 @@ def fit(
         depth = head_model.backbone.config.n_layers
         opt = optim.chain(opt, finetune.layerwise_decay(args.layer_decay, depth))
     step = train.make_step(
-        lambda t, b, k: loss_fn(effective(t), b, k), opt, clip_norm=1.0,
+        lambda t, b, k: loss_fn(effective(t), b, k),
+        opt,
+        clip_norm=1.0,
         skip_nonfinite=args.skip_nonfinite,
-    )  # fmt: skip
+        donate=not args.skip_nonfinite,
+    )  # fmt: skip  (donated: the loop never reads an old state, nor the caller the params)
     step = cli.on_device(step, where)
     state = cli.to_device(train.init_state(trainable, opt, k_train), where)
     n_trained, _ = finetune.count_trainable(trainable, tuple(args.freeze))

@@ -104,8 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--ckpt-interval", type=count, default=500)
     a("--seed", type=size, default=1337)
     a("--compile", action="store_true", help="torch.compile the whole step (fullgraph)")
-    a("--donate", action="store_true",
-      help="eager only: steps reuse the old state's buffers (fused in-place AdamW)")  # fmt: skip
+    a("--no-donate", action="store_true",
+      help="the pure step: each step returns a fresh state. By default an eager, unsharded "
+           "step without --skip-nonfinite reuses the old state's buffers (fused in-place "
+           "AdamW), which the loop never reads again")  # fmt: skip
     a("--remat", action="store_true", help="recompute block activations in the backward pass")
     a("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
     a("--threads", type=count, default=None, help="torch intra-op threads")
@@ -124,12 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     args.warmup_iters = min(args.warmup_iters, args.lr_decay_iters - 1)  # >= 1 cosine step
-    if args.donate and args.compile:
-        p.error("--donate is for eager steps; a compiled step returns fresh buffers")
-    if args.donate and args.skip_nonfinite:
-        p.error("--skip-nonfinite keeps the previous state, so it cannot --donate it")
-    if args.mesh and args.donate:
-        p.error("--donate runs on plain tensors; a sharded step does not donate")
+    # a compiled step returns fresh buffers, --skip-nonfinite keeps the previous state, and a
+    # sharded step works on DTensors: those cannot donate
+    args.donate = not (args.no_donate or args.compile or args.skip_nonfinite or args.mesh)
     mesh = _pairs(args.mesh)
     if "pp" in mesh:
         if set(mesh) - {"pp", "dp"}:
@@ -243,8 +242,8 @@ def optimizer(args: argparse.Namespace) -> optim.GradientTransformation:
     """nanoGPT's AdamW: decay on tensors with 2+ axes (matrices, embeddings), not norms/biases;
     its schedule: step t < warmup has lr (t + 1) / (warmup + 1), then cosine to ``min_lr``.
     Its learning rate lives in the state (``inject_hyperparams``), where the step reads the rate
-    it reports. With ``--donate`` the same update runs as one fused in-place
-    kernel per group (AdamW's ``update_in_place``)."""
+    it reports. A donated step (the default when eager) runs the same update as one fused
+    in-place kernel per group (AdamW's ``update_in_place``)."""
     schedule = optim.warmup_cosine(
         args.lr, args.warmup_iters, args.lr_decay_iters,
         init_value=args.lr / (args.warmup_iters + 1), end_value=args.min_lr,

@@ -74,14 +74,15 @@ def test_default_corpus_samples_the_whole_standard_library(script):
 def test_donated_run_follows_the_pure_run(script, tmp_path):
     text = corpus(tmp_path)
     pure, donated = tmp_path / "pure", tmp_path / "donated"
-    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(pure)])
-    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(donated),
-                 "--donate"])  # fmt: skip
+    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(pure),
+                 "--no-donate"])  # fmt: skip
+    script.main([*TINY, "--data", text, "--max-iters", "6", "--out-dir", str(donated)])
     a = checkpoint.Checkpointer(pure / "checkpoints").load()["state"][0]
     b = checkpoint.Checkpointer(donated / "checkpoints").load()["state"][0]
     assert_trees_close(b, a, rtol=1e-5, atol=1e-6)  # fused kernel vs foreach: rounding only
-    with pytest.raises(SystemExit):
-        script.parse_args(["--donate", "--compile"])
+    assert script.parse_args([]).donate and not script.parse_args(["--no-donate"]).donate
+    for flags in (["--compile"], ["--skip-nonfinite"]):
+        assert not script.parse_args(flags).donate, flags
 
 
 @pytest.mark.parametrize(
