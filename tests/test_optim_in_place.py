@@ -99,3 +99,47 @@ def test_an_optimizer_without_an_in_place_path_adds_into_the_donated_params():
     got, _ = optim.update_and_apply(opt, params, grad(params), opt.init(params), donate=True)
     assert got["p0"].data_ptr() == pointer
     torch.testing.assert_close(got["p0"], expected["p0"], rtol=0, atol=0)
+
+
+def chained_adamw(lr, wd, mask):
+    """AdamW as the plain chain of its transforms: the definition the fast pure update keeps."""
+    decay = optim.add_decayed_weights(wd, mask) if wd != 0 else optim.identity()
+    return optim.chain(optim.scale_by_adam(), decay, optim.scale_by_learning_rate(lr))
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    s=shapes,
+    lr=st.sampled_from(["float", "tensor", "schedule"]),
+    wd=st.sampled_from([0.0, 0.1, "tensor"]),
+    masked=st.sampled_from([None, "fn", "tree"]),
+)
+def test_pure_adamw_update_is_its_chain_bit_for_bit(seed, s, lr, wd, masked):
+    """AdamW's pure ``update`` writes the decay and the learning rate into its own direction
+    instead of allocating; the updates and states equal the chain's exactly, and the caller's grads, params and state are left as they were."""
+    params, grad = problem(seed, s)
+    rate = {
+        "float": 1e-2,
+        "tensor": torch.tensor(1e-2),
+        "schedule": optim.warmup_cosine(1e-2, 2, 6),
+    }
+    decay = torch.tensor(0.1) if wd == "tensor" else wd
+    mask = {
+        None: None,
+        "fn": lambda p: fl.tree.map(lambda x: x.ndim >= 2, p),
+        "tree": {name: i % 2 == 0 for i, name in enumerate(params)},
+    }[masked]
+    fast, reference = (
+        optim.adamw(rate[lr], weight_decay=decay, mask=mask),
+        chained_adamw(rate[lr], decay, mask),
+    )
+    s_fast, s_ref = fast.init(params), reference.init(params)
+    for _ in range(4):
+        g = grad(params)
+        kept = fl.tree.map(torch.clone, (g, params, s_fast))
+        u_fast, s_fast = fast.update(g, s_fast, params)
+        u_ref, s_ref = reference.update(g, s_ref, params)
+        fl.testing.assert_trees_close(u_fast, u_ref, rtol=0, atol=0)
+        fl.testing.assert_trees_close(s_fast, s_ref, rtol=0, atol=0)
+        fl.testing.assert_trees_close((g, params, kept[2]), kept, rtol=0, atol=0)
+        params = optim.apply_updates(params, u_fast)

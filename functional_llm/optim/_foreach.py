@@ -3,8 +3,9 @@
 Each function takes lists of tensors (the flattened leaves of a tree) and returns new ones,
 one kernel launch per operation for all leaves, as ``torch.optim``'s ``foreach`` path does.
 Scalars may be Python numbers or 0-dim tensors (what :func:`inject_hyperparams` passes); the
-functions pick the kernel that takes each. Only :func:`add_` and :func:`fused_adamw_` write
-into their arguments, and say so by their trailing underscore.
+functions pick the kernel that takes each. Those with a trailing underscore (:func:`add_`,
+:func:`add_scaled_`, :func:`mul_`, :func:`fused_adamw_`) write into their first argument; the
+others return new tensors.
 
 The ``_foreach`` kernels have no ``vmap`` batching rules, so under ``torch.func`` transforms
 (an ensemble's vmapped step) every function runs leaf by leaf instead: the same arithmetic,
@@ -40,6 +41,26 @@ def add_(x: Leaves, y: Leaves) -> None:
             a.add_(b)
         return
     torch._foreach_add_(x, y)
+
+
+def add_scaled_(x: Leaves, y: Leaves, alpha: Scalar) -> None:
+    """``x += alpha * y`` in place: the same bits as :func:`add` gives."""
+    if _per_leaf():
+        for a, b in zip(x, y, strict=True):
+            a.add_(alpha * b)
+    elif isinstance(alpha, torch.Tensor):
+        torch._foreach_add_(x, torch._foreach_mul(y, alpha))
+    else:
+        torch._foreach_add_(x, y, alpha=alpha)
+
+
+def mul_(x: Leaves, s: Scalar) -> None:
+    """``x *= s`` in place: the same bits as :func:`mul` gives."""
+    if _per_leaf():
+        for a in x:
+            a.mul_(s)
+    else:
+        torch._foreach_mul_(x, s)
 
 
 def add_scalar(x: Leaves, s: Scalar) -> Leaves:

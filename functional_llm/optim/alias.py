@@ -9,6 +9,8 @@ papers otherwise (``lion``, ``adafactor``, ``lamb``). ``learning_rate`` is a num
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from functional_llm.optim import _foreach as ops
@@ -106,12 +108,34 @@ def adamw(
     Its ``update_in_place`` takes the same step with ``torch.optim.AdamW(fused=True)``'s kernel
     in the buffers of params and state (the state keeps the structure ``update`` gives it), one
     kernel call per decay group: what :func:`update_and_apply` runs with ``donate=True``."""
-    opt = chain(
-        scale_by_adam(b1, b2, eps),
-        _decay(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    )
+    adam = scale_by_adam(b1, b2, eps)
+    opt = chain(adam, _decay(weight_decay, mask), scale_by_learning_rate(learning_rate))
     decays = per_structure(mask)
+    decaying = not (not isinstance(weight_decay, torch.Tensor) and weight_decay == 0)
+
+    def update(grads: PyTree, state: tuple, params: PyTree | None = None, **_: Any) -> tuple:
+        """The chain's update, the same arithmetic in the same order (so the same bits), with
+        the decay and the learning rate written into the Adam direction, which this update
+        made and nothing else holds: two fewer params-sized allocations a step."""
+        adam_state, decay_state, lr_state = state
+        direction, adam_state = adam.update(grads, adam_state, params)
+        u, spec = flat(direction)
+        if not u:
+            return opt.update(grads, state, params)
+        if decaying:
+            if params is None:
+                raise ValueError("adamw needs params: call update(grads, state, params)")
+            p = up_to(spec, params)
+            chosen = [True] * len(u) if mask is None else up_to(spec, decays(params))
+            group = [i for i, keep in enumerate(chosen) if keep]
+            if group:
+                ops.add_scaled_([u[i] for i in group], [p[i] for i in group], weight_decay)
+        if callable(learning_rate):
+            ops.mul_(u, torch.as_tensor(-1.0 * learning_rate(lr_state.count)))
+            lr_state = ScaleByScheduleState(lr_state.count + 1)
+        else:
+            ops.mul_(u, -1.0 * learning_rate)
+        return unflat(spec, u), (adam_state, decay_state, lr_state)
 
     def update_in_place(params: PyTree, grads: PyTree, state: tuple) -> tuple[PyTree, tuple]:
         adam, decay_state, lr_state = state
@@ -148,7 +172,7 @@ def adamw(
         adam = ScaleByAdamState(count, unflat(spec, mu), unflat(spec, nu))
         return unflat(spec, p), (adam, decay_state, lr_state)
 
-    return opt._replace(update_in_place=update_in_place)
+    return opt._replace(update=update, update_in_place=update_in_place)
 
 
 def rmsprop(
