@@ -4,8 +4,9 @@ A key is an ``int64`` tensor of shape ``(..., 2)`` holding two 32-bit words. Eve
 pure function of its key, computed with the counter-based Threefry-2x32 block cipher
 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011; 20 rounds, the
 variant JAX uses). Threefry needs only 32-bit add, rotate and xor, which we do in ``int32``
-(whose addition wraps modulo 2^32) and hand out as ``int64`` words, so draws are bit-identical eagerly, under ``torch.compile`` and under
-``torch.func.vmap`` (a batch of keys gives independent draws), on any device.
+(whose addition wraps modulo 2^32) and hand out as ``int64`` words, so draws are
+bit-identical eagerly, under ``torch.compile`` and under ``torch.func.vmap`` (a batch of
+keys gives independent draws), on any device.
 
 Under ``torch.compile`` the integer work (keys, ``bits``, ``randint``, ``bernoulli``,
 ``permutation``) and ``uniform`` are bit-identical to eager. Distributions that go through a

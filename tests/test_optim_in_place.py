@@ -116,7 +116,8 @@ def chained_adamw(lr, wd, mask):
 )
 def test_pure_adamw_update_is_its_chain_bit_for_bit(seed, s, lr, wd, masked):
     """AdamW's pure ``update`` writes the decay and the learning rate into its own direction
-    instead of allocating; the updates and states equal the chain's exactly, and the caller's grads, params and state are left as they were."""
+    instead of allocating; the updates and states equal the chain's exactly, and the caller's
+    grads, params and state are left as they were."""
     params, grad = problem(seed, s)
     rate = {
         "float": 1e-2,
