@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -163,7 +164,8 @@ def main() -> None:
     for name in fns:
         cmd = [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.optim",
             "--case",
             name,
             "--layers",
@@ -171,7 +173,8 @@ def main() -> None:
             "--vocab",
             str(args.vocab),
         ]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        root = Path(__file__).resolve().parents[1]  # this checkout, installed or not
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
         rise = json.loads(result.stdout.strip().splitlines()[-1])["transient_mb"]
         med = statistics.median(times[name])
         print(f"{name:<16} {med:>10.1f} {med / ref:>11.2f} {rise:>13.0f}")
