@@ -150,9 +150,12 @@ def adam_direction(
         return [m / (d / c2 + eps) / c1 for m, d in zip(mu, denom, strict=True)]
     torch._foreach_div_(denom, torch.sqrt(bias_correction(b2, t)).to(mu[0].dtype))
     torch._foreach_add_(denom, eps)
-    u = torch._foreach_div(mu, denom)
+    if torch.compiler.is_compiling() or any(type(d) is not torch.Tensor for d in denom):
+        u = list(torch._foreach_div(mu, denom))
+    else:  # eagerly, the quotient goes into the denominator's buffer (ours): one less tensor
+        u = [torch.div(m, d, out=d) for m, d in zip(mu, denom, strict=True)]
     torch._foreach_div_(u, bias_correction(b1, t).to(mu[0].dtype))
-    return list(u)
+    return u
 
 
 def bias_correction(decay: Scalar, t: torch.Tensor) -> torch.Tensor:
