@@ -76,7 +76,7 @@ def threefry2x32(
         )
         return out, out
     # The rounds run on int32, whose addition wraps modulo 2^32 as Threefry's does: half the
-    # bytes of int64 and no masking after each addition (2.4x faster eagerly on CPU).
+    # bytes of int64 and no masking after each addition.
     ks = [w.to(torch.int32) for w in (k0, k1, k0 ^ k1 ^ _PARITY)]
     x0 = x0.to(torch.int32) + ks[0]
     x1 = x1.to(torch.int32) + ks[1]
