@@ -145,6 +145,15 @@ def on_device(fn: Callable[..., Any], where: torch.device) -> Callable[..., Any]
     return lambda state, batch, *rest: fn(state, to_device(batch, where), *rest)
 
 
+def loop_step(loss_fn: Any, opt: Any, args: argparse.Namespace, where: torch.device) -> Any:
+    """The train step of an experiment's loop: gradients clipped to norm 1, the old state
+    donated (the loop never reads it again: AdamW's fused in-place update) unless
+    ``--skip-nonfinite`` must keep it, and batches moved to ``where``."""
+    skip = args.skip_nonfinite
+    step = train.make_step(loss_fn, opt, clip_norm=1.0, skip_nonfinite=skip, donate=not skip)
+    return on_device(step, where)
+
+
 def add_run_args(p: argparse.ArgumentParser, *, resume: bool = True) -> None:
     """``--overwrite`` (and ``--resume``): what to do with an output folder that holds a run."""
     a = p.add_argument

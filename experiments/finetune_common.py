@@ -231,14 +231,8 @@ def fit(
     if args.layer_decay < 1.0:
         depth = head_model.backbone.config.n_layers
         opt = optim.chain(opt, finetune.layerwise_decay(args.layer_decay, depth))
-    step = train.make_step(
-        lambda t, b, k: loss_fn(effective(t), b, k),
-        opt,
-        clip_norm=1.0,
-        skip_nonfinite=args.skip_nonfinite,
-        donate=not args.skip_nonfinite,
-    )  # fmt: skip  (donated: the loop never reads an old state, nor the caller the params)
-    step = cli.on_device(step, where)
+    # donated: neither the loop nor fit's callers read an old state or the params passed in
+    step = cli.loop_step(lambda t, b, k: loss_fn(effective(t), b, k), opt, args, where)
     state = cli.to_device(train.init_state(trainable, opt, k_train), where)
     n_trained, _ = finetune.count_trainable(trainable, tuple(args.freeze))
     print(f"{len(examples):,} training examples, {total} steps; {n_trained:,} of "

@@ -218,14 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     where = cli.device(args)
     state = cli.to_device(state, where)
     loss_fn = losses.bert_pretraining(model, args.nsp_weight)
-    step = train.make_step(
-        loss_fn,
-        opt,
-        clip_norm=1.0,
-        skip_nonfinite=args.skip_nonfinite,
-        donate=not args.skip_nonfinite,
-    )  # the loop never reads an old state
-    step = cli.on_device(step, where)
+    step = cli.loop_step(loss_fn, opt, args, where)
     eval_mlm = cli.on_device(train.make_eval_step(losses.mlm(model)), where)
     eval_nsp = cli.on_device(train.make_eval_step(losses.nsp(model)), where)
 

@@ -176,14 +176,7 @@ def run(
     examples = encode(tok, train_pairs, args)
     pad, eos = tok.id_of("pad"), tok.id_of("eos")
     loss_fn = losses.seq2seq(model, label_smoothing=args.label_smoothing)
-    step = train.make_step(
-        loss_fn,
-        opt,
-        clip_norm=1.0,
-        skip_nonfinite=args.skip_nonfinite,
-        donate=not args.skip_nonfinite,
-    )  # the loop never reads an old state
-    step = cli.on_device(step, where)
+    step = cli.loop_step(loss_fn, opt, args, where)
     print(f"{len(train_pairs):,} training and {len(dev_pairs):,} held-out pairs; vocab "
           f"{tok.vocab_size}; {fl.tree.size(state.params):,} parameters; steps "
           f"{int(state.step)}..{args.max_steps}")  # fmt: skip
