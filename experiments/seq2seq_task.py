@@ -278,9 +278,9 @@ def use_trained(args: argparse.Namespace, sources: Sequence[str]) -> list[str]:
 def averaged(ckpts: checkpoint.Checkpointer, model: Any, n: int, params: Any, step: int) -> Any:
     """The mean of ``params`` (those of the checkpoint at ``step``, already in hand: not read
     again) and of the ``n - 1`` checkpoints before it (fewer when fewer are kept), on the
-    device of ``params``. Averaging
-    the last few checkpoints of a run is a free ensemble that NMT toolkits apply by default
-    (fairseq's ``average_checkpoints.py``, Marian's exponential smoothing)."""
+    device of ``params``. Averaging the last few checkpoints of a run is a free ensemble that
+    NMT toolkits apply by default (fairseq's ``average_checkpoints.py``, Marian's exponential
+    smoothing)."""
     older = [s for s in ckpts.steps() if s < step][-(n - 1) :] if n > 1 else []
     if not older:
         return params

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import optree
 import torch
 
 from functional_llm.optim import _foreach as ops
@@ -49,9 +50,14 @@ from functional_llm.optim.transforms import (
 __all__ = ["adafactor", "adagrad", "adam", "adamw", "lamb", "lion", "rmsprop", "sgd"]
 
 
+def _python_zero(value: Scalar) -> bool:
+    """Whether ``value`` is a Python zero (a tensor never is: it may change, e.g. injected)."""
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
 def _unless_zero(value: Scalar, transform: GradientTransformation) -> GradientTransformation:
     """``transform``, or nothing when ``value`` is a Python zero (a tensor is always kept)."""
-    return identity() if not isinstance(value, torch.Tensor) and value == 0 else transform
+    return identity() if _python_zero(value) else transform
 
 
 def _decay(weight_decay: Scalar, mask: MaskOrFn | None) -> GradientTransformation:
@@ -111,7 +117,14 @@ def adamw(
     adam = scale_by_adam(b1, b2, eps)
     opt = chain(adam, _decay(weight_decay, mask), scale_by_learning_rate(learning_rate))
     decays = per_structure(mask)
-    decaying = not (not isinstance(weight_decay, torch.Tensor) and weight_decay == 0)
+
+    def decayed(spec: optree.PyTreeSpec, params: PyTree) -> list[bool]:
+        """Per leaf of ``spec``, whether ``mask`` decays it."""
+        return (
+            [True] * spec.num_leaves
+            if mask is None
+            else [bool(d) for d in up_to(spec, decays(params))]
+        )
 
     def update(grads: PyTree, state: tuple, params: PyTree | None = None, **_: Any) -> tuple:
         """The chain's update, the same arithmetic in the same order (so the same bits), with
@@ -122,12 +135,11 @@ def adamw(
         u, spec = flat(direction)
         if not u:
             return opt.update(grads, state, params)
-        if decaying:
+        if not _python_zero(weight_decay):
             if params is None:
                 raise ValueError("adamw needs params: call update(grads, state, params)")
             p = up_to(spec, params)
-            chosen = [True] * len(u) if mask is None else up_to(spec, decays(params))
-            group = [i for i, keep in enumerate(chosen) if keep]
+            group = [i for i, keep in enumerate(decayed(spec, params)) if keep]
             if group:
                 ops.add_scaled_([u[i] for i in group], [p[i] for i in group], weight_decay)
         if callable(learning_rate):
@@ -151,11 +163,9 @@ def adamw(
             lr = learning_rate
         count = adam.count.add_(1)
         step = count.to(torch.float32)  # the fused kernel's step type
-        decayed = (
-            [True] * len(p) if mask is None else [bool(d) for d in up_to(spec, decays(params))]
-        )
-        for decay in set(decayed):  # one fused call per group: decayed, and not
-            group = [i for i, d in enumerate(decayed) if d == decay]
+        flags = decayed(spec, params)
+        for decay in set(flags):  # one fused call per group: decayed, and not
+            group = [i for i, d in enumerate(flags) if d == decay]
             pick = lambda xs, group=group: [xs[i] for i in group]  # noqa: E731
             ops.fused_adamw_(
                 pick(p),
