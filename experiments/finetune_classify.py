@@ -37,18 +37,28 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def naive_bayes(train: list[dict], dev: list[dict], alpha: float = 1.0) -> list[str]:
+def features(text: str, ngrams: int = 1) -> list[str]:
+    """The lower-cased words of ``text`` and, up to ``ngrams``, its runs of consecutive words
+    (``"not good"``), as scikit-learn's ``CountVectorizer(ngram_range=(1, ngrams))`` counts
+    them."""
+    w = words(text)
+    return [" ".join(w[i : i + n]) for n in range(1, ngrams + 1) for i in range(len(w) - n + 1)]
+
+
+def naive_bayes(train: list[dict], dev: list[dict], alpha: float = 1.0, ngrams: int = 1) -> list:
     """Multinomial Naive Bayes: ``argmax_c log P(c) + sum_w log P(w | c)``, with
-    ``P(w | c) = (n_cw + alpha) / (n_c + alpha |V|)``; words unseen in training are skipped."""
+    ``P(w | c) = (n_cw + alpha) / (n_c + alpha |V|)`` over the word n-grams up to ``ngrams``
+    (:func:`features`); those unseen in training are skipped."""
+    text = lambda e: e["text"] + " " + e.get("text_pair", "")  # noqa: E731
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     priors = collections.Counter(e["label"] for e in train)
     for e in train:
-        counts[e["label"]].update(words(e["text"] + " " + e.get("text_pair", "")))
+        counts[e["label"]].update(features(text(e), ngrams))
     vocab = set().union(*counts.values())
     totals = {c: sum(n.values()) for c, n in counts.items()}
     out = []
     for e in dev:
-        seen = [w for w in words(e["text"] + " " + e.get("text_pair", "")) if w in vocab]
+        seen = [w for w in features(text(e), ngrams) if w in vocab]
         scores = {
             c: math.log(priors[c] / len(train))
             + sum(math.log((counts[c][w] + alpha) / (totals[c] + alpha * len(vocab))) for w in seen)
@@ -110,9 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_ex, dev_ex = common.train_dev(
         p, args, data.read_classification, stdlib_text.classify_task
     )
+    labels = data.label_vocab(train_ex)  # of the whole split: a small draw may miss one
+    train_ex = common.budget(p, args, train_ex)
     if args.augment == "eda":
         train_ex = augmented(train_ex, args)
-    labels = data.label_vocab(train_ex)
     print(f"{len(train_ex):,} training and {len(dev_ex):,} dev examples; labels {labels}")
 
     texts = lambda: [e["text"] for e in train_ex] + [e.get("text_pair", "") for e in train_ex]  # noqa: E731

@@ -49,6 +49,8 @@ def check_model_args(p: argparse.ArgumentParser, args: argparse.Namespace, famil
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """A fine-tuning script's flags, with the fresh backbone's shape checked."""
     args = p.parse_args(argv)
+    if args.reinit and not args.pretrained:
+        p.error("--reinit needs --pretrained (whose tokenizer and shape it keeps)")
     if not args.pretrained:
         check_model_args(p, args, args.backbone)
     return args
@@ -79,6 +81,17 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
     a("--lora-rank", type=cli.nonnegative_int, default=0, help="LoRA adapters' rank (0: off)")
     a("--lora-alpha", type=cli.positive_float, default=16.0)
     a("--max-train", type=count, default=None, help="use only the first N training examples")
+    a(
+        "--train-sample",
+        type=count,
+        default=None,
+        help="use a random sample of N training examples, drawn with --seed (label budgets)",
+    )
+    a(
+        "--reinit",
+        action="store_true",
+        help="with --pretrained: its tokenizer and shape, fresh weights (what pretraining adds)",
+    )
     a("--seed", type=cli.nonnegative_int, default=0)
     a("--threads", type=count, default=None)
     a("--out-dir", default=out_dir)
@@ -101,8 +114,9 @@ def train_dev(
     read: Callable[[str], list],
     default: Callable[[], tuple[list, list]],
 ) -> tuple[list, list]:
-    """``(train, dev)`` from ``--train``/``--dev`` (read with ``read``) or the ``default`` task;
-    the training split is cut to ``--max-train``."""
+    """``(train, dev)`` from ``--train``/``--dev`` (read with ``read``) or the ``default`` task,
+    whole: a script takes its label set from the whole training split, then cuts that split to
+    the label budget (:func:`budget`)."""
     if bool(args.train) != bool(args.dev):
         p.error("--train and --dev go together")
     train_part, dev_part = (read(args.train), read(args.dev)) if args.train else default()
@@ -111,12 +125,25 @@ def train_dev(
             raise data.DataError(
                 f"{getattr(args, name[:5]) or 'the default task'}: no {name} examples"
             )
-    return train_part[: args.max_train], dev_part
+    return train_part, dev_part
+
+
+def budget(p: argparse.ArgumentParser, args: argparse.Namespace, examples: list) -> list:
+    """The training examples cut to ``--train-sample`` drawn with ``--seed`` (in the drawn
+    order), then to the first ``--max-train``."""
+    if args.train_sample:
+        if args.train_sample > len(examples):
+            p.error(f"--train-sample {args.train_sample}: the training split has only "
+                    f"{len(examples):,} examples")  # fmt: skip
+        order = random.permutation(random.fold_in(random.key(args.seed), 5), len(examples))
+        examples = [examples[i] for i in order[: args.train_sample].tolist()]
+    return examples[: args.max_train]
 
 
 def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tuple[Any, Any, Any]:
     """``(tokenizer, backbone model, pretrained params or None)``; a fresh backbone gets a
-    tokenizer trained on ``texts()``."""
+    tokenizer trained on ``texts()``, or with ``--reinit`` the pretrained run's tokenizer and
+    config (and no params)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pretrained:
@@ -131,6 +158,8 @@ def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tu
         if args.max_length > cfg.max_seq_len:
             print(f"--max-length {args.max_length} cut to the backbone's {cfg.max_seq_len}")
             args.max_length = cfg.max_seq_len
+        if args.reinit:
+            return tok, model, None
         params = checkpoint.load(where / "bert.safetensors", like=saved.shapes())
         return tok, model, cli.to_device(params, torch.device("cpu"), cli.dtype(args))
     tok = data.SubwordTokenizer.train(texts(), args.vocab_size)

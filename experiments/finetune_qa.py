@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dev_ex = [e for e in both if e.article % every == every - 1]
     else:
         train_ex, dev_ex = stdlib_text.qa_task(args.seed)
-    train_ex = train_ex[: args.max_train]
+    train_ex = common.budget(p, args, train_ex)
     n_impossible = sum(e.impossible for e in dev_ex)
     print(f"{len(train_ex):,} training and {len(dev_ex):,} dev questions "
           f"({n_impossible} of the dev questions unanswerable)")  # fmt: skip

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_s = [(w, data.bio_to_bioes(t)) for w, t in train_s]
         dev_s = [(w, data.bio_to_bioes(t)) for w, t in dev_s]
     tags = sorted({t for _, ts in train_s for t in ts} | {"O"})
+    train_s = common.budget(p, args, train_s)
     seen = {t for _, ts in [*train_s, *dev_s] for t in ts}
     schemeless = sorted(t for t in seen if not metrics.is_entity_tag(t))
     if schemeless:
