@@ -174,34 +174,36 @@ def tagging_task(max_sentences: int = 20000) -> tuple[list, list]:
 
 
 def _cloze(key, context_docs, other_docs, prefix: str) -> list[QAExample]:
-    """One question per run of 4 sentences; half answerable from it, half from elsewhere."""
+    """Questions over runs of 4 sentences: one per sentence of the run, each a coin flip
+    between that sentence (answerable from the run) and a sentence of another document (not
+    answerable), with one word of 4+ letters blanked."""
     examples = []
     for d, doc in enumerate(context_docs):
         for first in range(0, len(doc) - 1, 4):
-            k = random.fold_in(random.fold_in(key, d), first)
-            k_coin, k_pick, k_word, k_other = random.split(k, 4)
             run = doc[first : first + 4]
             context = " ".join(run)
-            answerable = bool(random.bernoulli(k_coin, 0.5))
-            if answerable:
-                source = run[int(random.randint(k_pick, (), 0, len(run)))]
-            else:
-                other = other_docs[int(random.randint(k_other, (), 0, len(other_docs)))]
-                if other is doc or not other:
+            for j, sentence in enumerate(run):
+                k = random.fold_in(random.fold_in(random.fold_in(key, d), first), j)
+                k_coin, k_pick, k_word, k_other = random.split(k, 4)
+                answerable = bool(random.bernoulli(k_coin, 0.5))
+                source = sentence
+                if not answerable:
+                    other = other_docs[int(random.randint(k_other, (), 0, len(other_docs)))]
+                    if other is doc or not other:
+                        continue
+                    source = other[int(random.randint(k_pick, (), 0, len(other)))]
+                words = source.split()
+                candidates = [i for i, w in enumerate(words) if w.isalpha() and len(w) > 3]
+                if not candidates:
                     continue
-                source = other[int(random.randint(k_pick, (), 0, len(other)))]
-            words = source.split()
-            candidates = [i for i, w in enumerate(words) if w.isalpha() and len(w) > 3]
-            if not candidates:
-                continue
-            i = candidates[int(random.randint(k_word, (), 0, len(candidates)))]
-            question = "fill in: " + " ".join([*words[:i], "___", *words[i + 1 :]])
-            qid = f"{prefix}-{d}-{first}"
-            if answerable:
-                at = context.index(source) + len(" ".join(words[:i])) + (i > 0)
-                examples.append(QAExample(qid, question, context, (words[i],), (at,)))
-            else:
-                examples.append(QAExample(qid, question, context, (), (), impossible=True))
+                i = candidates[int(random.randint(k_word, (), 0, len(candidates)))]
+                question = "fill in: " + " ".join([*words[:i], "___", *words[i + 1 :]])
+                qid = f"{prefix}-{d}-{first}-{j}"
+                if answerable:
+                    at = context.index(source) + len(" ".join(words[:i])) + (i > 0)
+                    examples.append(QAExample(qid, question, context, (words[i],), (at,)))
+                else:
+                    examples.append(QAExample(qid, question, context, (), (), impossible=True))
     return examples
 
 
