@@ -176,27 +176,27 @@ def tagging_task(max_sentences: int = 20000) -> tuple[list, list]:
 def _cloze(key, context_docs, other_docs, prefix: str) -> list[QAExample]:
     """Questions over runs of 4 sentences: one per sentence of the run, each a coin flip
     between that sentence (answerable from the run) and a sentence of another document (not
-    answerable), with one word of 4+ letters blanked."""
+    answerable), with one word of 4+ letters blanked. A document's draws are one uniform
+    block from ``fold_in(key, d)``: ``(run, sentence, [coin, document, sentence, word])``."""
     examples = []
     for d, doc in enumerate(context_docs):
-        for first in range(0, len(doc) - 1, 4):
+        starts = range(0, len(doc) - 1, 4)
+        draws = random.uniform(random.fold_in(key, d), (len(starts), 4, 4)).tolist()
+        for first, run_draws in zip(starts, draws, strict=False):
             run = doc[first : first + 4]
             context = " ".join(run)
-            for j, sentence in enumerate(run):
-                k = random.fold_in(random.fold_in(random.fold_in(key, d), first), j)
-                k_coin, k_pick, k_word, k_other = random.split(k, 4)
-                answerable = bool(random.bernoulli(k_coin, 0.5))
-                source = sentence
-                if not answerable:
-                    other = other_docs[int(random.randint(k_other, (), 0, len(other_docs)))]
+            for j, (coin, u_doc, u_sentence, u_word) in enumerate(run_draws[: len(run)]):
+                answerable, source = coin < 0.5, run[j]
+                if not answerable:  # a sentence of another document
+                    other = other_docs[int(u_doc * len(other_docs))]
                     if other is doc or not other:
                         continue
-                    source = other[int(random.randint(k_pick, (), 0, len(other)))]
+                    source = other[int(u_sentence * len(other))]
                 words = source.split()
                 candidates = [i for i, w in enumerate(words) if w.isalpha() and len(w) > 3]
                 if not candidates:
                     continue
-                i = candidates[int(random.randint(k_word, (), 0, len(candidates)))]
+                i = candidates[int(u_word * len(candidates))]
                 question = "fill in: " + " ".join([*words[:i], "___", *words[i + 1 :]])
                 qid = f"{prefix}-{d}-{first}-{j}"
                 if answerable:

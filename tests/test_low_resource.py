@@ -147,3 +147,23 @@ def test_a_small_sweep_end_to_end_and_resumed(files, monkeypatch, capsys):
         low_resource.main(flags)  # a fresh run never writes into the finished one
     with pytest.raises(SystemExit):
         low_resource.main([*flags[:-1], str(files / "other"), "--seeds", "1"])
+
+
+def test_cloze_questions_blank_one_word_of_a_sentence_in_their_context_or_not():
+    """Each answerable question is a sentence of its context with one word blanked, and that
+    word sits at the answer's offset; the others come from another document."""
+    from experiments import stdlib_text
+
+    train, dev = stdlib_text.qa_task()
+    assert len(train) > 15_000 and len(dev) > 1_500  # a question per sentence of each run
+    for part in (train, dev):
+        assert 0.45 < sum(e.impossible for e in part) / len(part) < 0.55
+        for e in part[:: max(1, len(part) // 300)]:
+            before, after = e.question.removeprefix("fill in: ").split("___")
+            if e.impossible:
+                assert not e.answers
+                continue
+            (answer,), (at,) = e.answers, e.starts
+            assert e.context[at : at + len(answer)] == answer and len(answer) > 3
+            assert before + answer + after in e.context
+    assert {e.id for e in train}.isdisjoint(e.id for e in dev)
