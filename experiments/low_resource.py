@@ -38,10 +38,14 @@ from functional_llm import data, metrics, runs
 
 INITS = ("pretrained", "fresh")
 OUTPUTS = ("results.jsonl", "label_curve.png", "runs")
+OWNED = ("--seed", "--epochs", "--train-sample", "--max-train", "--reinit", "--out-dir",
+         "--overwrite")  # finetune_classify flags this script sets  # fmt: skip
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    # no abbreviations: a forwarded --seed is finetune_classify's, not this script's --seeds
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)  # fmt: skip
     a, count = p.add_argument, cli.positive_int
     a("--pretrained", default="out/pretrain_bert", help="a pretrain_bert.py output directory")
     a("--train", help="CSV/TSV/JSONL training file (default: the stdlib docstring-kind task)")
@@ -63,6 +67,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                 f"python -m experiments.pretrain_bert --out-dir {args.pretrained}")  # fmt: skip
     if args.seeds < 2:
         p.error("--seeds must be >= 2: a standard error needs two draws")
+    owned = sorted({f.split("=")[0] for f in rest} & set(OWNED))
+    if owned:
+        p.error(f"{', '.join(owned)}: set by this script for each run")
     return args, rest
 
 

@@ -145,8 +145,10 @@ def test_a_small_sweep_end_to_end_and_resumed(files, monkeypatch, capsys):
     assert (files / "sweep" / "results.jsonl").read_text().splitlines() == lines
     with pytest.raises(runs.RunDirError):
         low_resource.main(flags)  # a fresh run never writes into the finished one
-    with pytest.raises(SystemExit):
-        low_resource.main([*flags[:-1], str(files / "other"), "--seeds", "1"])
+    for bad in (["--seeds", "1"], ["--epochs", "3"], ["--seed=2"], ["--seed", "2"]):
+        with pytest.raises(SystemExit):
+            low_resource.main([*flags[:-1], str(files / "other"), *bad])
+    assert not (files / "other").exists()
 
 
 def test_cloze_questions_blank_one_word_of_a_sentence_in_their_context_or_not():
