@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )  # fmt: skip
     p.add_argument("--augment-copies", type=cli.positive_int, default=4)
     p.add_argument("--augment-alpha", type=cli.rate, default=0.1, help="share of words touched")
+    p.add_argument(
+        "--pooling", choices=("backbone", "mean"), default="backbone",
+        help="the sequence's vector: the backbone's ([CLS] pooler, GPT's last token)\n"
+             "or the mean of the tokens' states (for MLM-only pretraining: no NSP)",
+    )  # fmt: skip
     common.add_args(p, "out/finetune_classify")
     args = common.parse(p, argv)
     run = common.open_run(args)
@@ -128,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     texts = lambda: [e["text"] for e in train_ex] + [e.get("text_pair", "") for e in train_ex]  # noqa: E731
     tok, backbone, pretrained = common.backbone(args, texts)
-    model = fl.models.SequenceClassifier(backbone, num_labels=len(labels), dropout=args.dropout)
+    model = fl.models.SequenceClassifier(
+        backbone, num_labels=len(labels), dropout=args.dropout, pooling=args.pooling
+    )
     params = common.init_params(model, pretrained, random.key(args.seed))
     encode = lambda ex: data.encode_classification(tok, ex, labels, args.max_length)  # noqa: E731
     train_f, dev_f = encode(train_ex), encode(dev_ex)
@@ -143,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {"accuracy": metrics.accuracy(pred, gold), "macro_f1": metrics.macro_f1(pred, gold)}
 
     loss = losses.classification(model)
-    meta = common.model_meta(tok, backbone, labels=list(labels), task="classify")
+    meta = common.model_meta(tok, backbone, labels=list(labels), task="classify",
+                             pooling=args.pooling)  # fmt: skip
     _, final = common.fit(args, loss, params, model, train_f, pad, evaluate, run, meta)
     baseline = naive_bayes(train_ex, dev_ex)
     gold_names = [e["label"] for e in dev_ex]

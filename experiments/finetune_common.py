@@ -72,6 +72,7 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
     a("--vocab-size", type=count, default=4000, help="fresh tokenizer's vocabulary")
     add_model_args(p)
     a("--epochs", type=count, default=epochs)
+    a("--eval-every", type=count, default=1, help="score the dev split every N epochs and last")
     a("--batch-size", type=count, default=32)
     a("--lr", type=cli.positive_float, default=3e-4)
     a("--warmup", type=cli.rate, default=0.1, help="fraction of the steps spent warming up")
@@ -300,6 +301,8 @@ def fit(
                           f"saved the model so far to {path}")  # fmt: skip
                     raise SystemExit(stop.exit_code)
             guard.check()
+            if (epoch + 1) % args.eval_every and epoch + 1 < args.epochs:
+                continue
             final = evaluate(effective(state.params))
             run.record({"step": int(state.step), "epoch": epoch + 1, **final})
             bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))

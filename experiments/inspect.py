@@ -107,7 +107,8 @@ def _classifier(path: Path) -> Subject:
         (fl.models.GPT, fl.models.GPTConfig) if gpt else (fl.models.BERT, fl.models.BERTConfig)
     )
     backbone = cls(checkpoint.config_from_dict(cfg, meta["config"]))
-    model = fl.models.SequenceClassifier(backbone, num_labels=len(meta["labels"]))
+    pooling = meta.get("pooling", "backbone")  # runs saved before --pooling pooled the backbone's
+    model = fl.models.SequenceClassifier(backbone, num_labels=len(meta["labels"]), pooling=pooling)
     params = checkpoint.load(path, like=model.shapes())
     tok = data.tokenizer_from_json(meta["tokenizer"], f"{path}'s tokenizer")
     return Subject("classifier", model, params, tok, list(meta["labels"]))

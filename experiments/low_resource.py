@@ -39,7 +39,7 @@ from functional_llm import data, metrics, runs
 INITS = ("pretrained", "fresh")
 OUTPUTS = ("results.jsonl", "label_curve.png", "runs")
 OWNED = ("--seed", "--epochs", "--train-sample", "--max-train", "--reinit", "--out-dir",
-         "--overwrite")  # finetune_classify flags this script sets  # fmt: skip
+         "--overwrite", "--eval-every")  # finetune_classify flags this script sets  # fmt: skip
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -81,8 +81,10 @@ def epochs_for(n: int, args: argparse.Namespace) -> int:
 def fine_tune(args: argparse.Namespace, rest: list[str], init: str, n: int | None, seed: int,
               out: Path) -> float:  # fmt: skip
     """One ``finetune_classify`` run's dev accuracy (``n=None``: the whole split)."""
+    # scored once, after the last epoch (--eval-every beyond it)
     flags = ["--pretrained", args.pretrained, "--seed", str(seed), "--no-plot", "--overwrite",
-             "--batch-size", str(args.batch_size), "--out-dir", str(out), *rest]  # fmt: skip
+             "--batch-size", str(args.batch_size), "--out-dir", str(out),
+             "--eval-every", "1000", *rest]  # fmt: skip
     if args.train:
         flags += ["--train", args.train, "--dev", args.dev]
     if init == "fresh":

@@ -167,6 +167,22 @@ def test_gpt_classifier_pools_the_last_real_token():
     torch.testing.assert_close(head.apply(p, x, valid=valid), head.apply(p, x[:, :4]), **TOL)
 
 
+def test_mean_pooling_is_the_mean_of_the_real_tokens_states():
+    """Padding changes nothing (BERT: padded keys are masked), and the logits are the head on
+    the mean of the hidden states, written out."""
+    body = FAMILIES["bert"]()
+    head = models.SequenceClassifier(body, num_labels=3, pooling="mean")
+    p = head.init(random.key(0))
+    x = tokens(0, (1, 6))
+    valid = torch.tensor([[True] * 4 + [False] * 2])
+    torch.testing.assert_close(head.apply(p, x, valid=valid), head.apply(p, x[:, :4]), **TOL)
+    h = body.hidden_states(p["backbone"], x[:, :4])
+    expected = h.mean(dim=1) @ p["head"]["w"] + p["head"]["b"]
+    torch.testing.assert_close(head.apply(p, x[:, :4]), expected, **TOL)
+    with pytest.raises(ValueError, match="pooling"):
+        models.SequenceClassifier(body, num_labels=3, pooling="max")
+
+
 @pytest.mark.parametrize(
     "make, field",
     [

@@ -81,13 +81,32 @@ class _Head(Layer):
 
 @dataclass(frozen=True)
 class SequenceClassifier(_Head):
-    """One label per sequence, ``(..., num_labels)`` logits: ``W dropout(pool(h)) + b`` with the
-    backbone's pooling (BERT's [CLS] pooler, GPT's last real token)."""
+    """One label per sequence, ``(..., num_labels)`` logits: ``W dropout(pool(h)) + b``.
+
+    ``pooling="backbone"``: the backbone's own (BERT's [CLS] pooler, GPT's last real token).
+    ``pooling="mean"``: ``sum_t valid_t h_t / sum_t valid_t``, the mean of the real tokens'
+    states (Sentence-BERT's choice), which a backbone pretrained by masked-LM alone has trained
+    at every position, where its [CLS] state and pooler learnt nothing without NSP."""
+
+    pooling: str = "backbone"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in ("backbone", "mean"):
+            raise ValueError(
+                f"SequenceClassifier.pooling must be 'backbone' or 'mean', got {self.pooling!r}"
+            )
 
     def _output(
         self, params: Params, h: torch.Tensor, valid: torch.Tensor | None, key: Key
     ) -> torch.Tensor:
-        pooled = self.backbone.pool(params["backbone"], h, valid)
+        if self.pooling == "backbone":
+            pooled = self.backbone.pool(params["backbone"], h, valid)
+        elif valid is None:
+            pooled = h.mean(dim=-2)
+        else:
+            weight = valid.to(h.dtype)[..., None]
+            pooled = (h * weight).sum(dim=-2) / weight.sum(dim=-2).clamp_min(1)
         return self.head.apply(params["head"], dropout(pooled, self.dropout, key=key))
 
 
