@@ -169,3 +169,12 @@ def test_cloze_questions_blank_one_word_of_a_sentence_in_their_context_or_not():
             assert e.context[at : at + len(answer)] == answer and len(answer) > 3
             assert before + answer + after in e.context
     assert {e.id for e in train}.isdisjoint(e.id for e in dev)
+
+
+def test_fine_tuning_scores_every_n_epochs_and_the_last(files):
+    out = files / "every"
+    finetune_classify.main(["--pretrained", str(files / "pre"), "--train", str(files / "train.tsv"),
+                            "--dev", str(files / "dev.tsv"), "--epochs", "5", "--eval-every", "2",
+                            "--batch-size", "8", "--no-plot", "--out-dir", str(out)])  # fmt: skip
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "epoch" in r] == [2, 4, 5]
