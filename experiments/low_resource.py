@@ -128,7 +128,9 @@ def summary(results: list[dict], budgets: list[int | None]) -> list[dict[str, An
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    show = lambda m_se: f"{m_se[0]:.4f} ± {m_se[1]:.4f}"  # noqa: E731
+    def show(m_se: tuple[float, float]) -> str:
+        return f"{m_se[0]:.4f}" if math.isnan(m_se[1]) else f"{m_se[0]:.4f} ± {m_se[1]:.4f}"
+
     lines = ["| labels | seeds | pretrained | fresh weights | uni+bigram NB | pretrained − fresh |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
