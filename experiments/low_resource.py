@@ -1,9 +1,9 @@
 """What pretraining buys at a label budget: the same backbone fine-tuned from its pretrained
 weights and from fresh ones on N labelled examples, over seeds, beside n-gram Naive Bayes.
 
-    python -m experiments.pretrain_bert --data sst2/train.tsv --with-stdlib --whole-word \\
-        --max-length 64 --max-steps 6000 --batch-size 64 --out-dir out/pretrain_sst2
-    python -m experiments.low_resource --pretrained out/pretrain_sst2 \\
+    python -m experiments.pretrain_bert --data sst2/train.tsv --max-length 64 --dropout 0 \\
+        --whole-word --max-steps 6000 --batch-size 128 --warmup 300 --out-dir out/pretrain_sst2
+    python -m experiments.low_resource --pretrained out/pretrain_sst2 --pooling mean \\
         --train sst2/train.tsv --dev sst2/dev.tsv --labels 500 1000 4000 --seeds 5 --full
     python -m experiments.low_resource --pretrained out/pretrain_bert    # the stdlib task
 
