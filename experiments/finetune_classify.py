@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )  # fmt: skip
     common.add_args(p, "out/finetune_classify")
     args = common.parse(p, argv)
-    run = common.open_run(args)
     train_ex, dev_ex = common.train_dev(
         p, args, data.read_classification, stdlib_text.classify_task
     )
@@ -129,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_ex = common.budget(p, args, train_ex)
     if args.augment == "eda":
         train_ex = augmented(train_ex, args)
+    run = common.open_run(args)  # once the data is known to be usable: nothing half-made
     print(f"{len(train_ex):,} training and {len(dev_ex):,} dev examples; labels {labels}")
 
     texts = lambda: [e["text"] for e in train_ex] + [e.get("text_pair", "") for e in train_ex]  # noqa: E731

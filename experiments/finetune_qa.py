@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         p.error("--train needs either --dev or --holdout-every")
     if args.holdout_every == 1:
         p.error("--holdout-every 1 would hold out every article and train on none; use >= 2")
-    run = common.open_run(args)
     if args.train and args.dev:
         train_ex, dev_ex = data.read_squad(args.train), data.read_squad(args.dev)
     elif args.train:
@@ -53,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         train_ex, dev_ex = stdlib_text.qa_task()  # one dev set for every --seed
     train_ex = common.budget(p, args, train_ex)
+    run = common.open_run(args)  # once the data is known to be usable: nothing half-made
     n_impossible = sum(e.impossible for e in dev_ex)
     print(f"{len(train_ex):,} training and {len(dev_ex):,} dev questions "
           f"({n_impossible} of the dev questions unanswerable)")  # fmt: skip

@@ -178,3 +178,12 @@ def test_fine_tuning_scores_every_n_epochs_and_the_last(files):
                             "--batch-size", "8", "--no-plot", "--out-dir", str(out)])  # fmt: skip
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "epoch" in r] == [2, 4, 5]
+
+
+def test_a_budget_larger_than_the_split_writes_nothing(files):
+    out = files / "too_many"
+    with pytest.raises(SystemExit):
+        finetune_classify.main(["--pretrained", str(files / "pre"), "--train",
+                                str(files / "train.tsv"), "--dev", str(files / "dev.tsv"),
+                                "--train-sample", "1000", "--out-dir", str(out)])  # fmt: skip
+    assert not out.exists()
