@@ -130,15 +130,21 @@ def train_dev(
 
 
 def budget(p: argparse.ArgumentParser, args: argparse.Namespace, examples: list) -> list:
-    """The training examples cut to ``--train-sample`` drawn with ``--seed`` (in the drawn
-    order), then to the first ``--max-train``."""
+    """The training examples cut to ``--train-sample`` drawn with ``--seed`` (:func:`draw`),
+    then to the first ``--max-train``."""
     if args.train_sample:
         if args.train_sample > len(examples):
             p.error(f"--train-sample {args.train_sample}: the training split has only "
                     f"{len(examples):,} examples")  # fmt: skip
-        order = random.permutation(random.fold_in(random.key(args.seed), 5), len(examples))
-        examples = [examples[i] for i in order[: args.train_sample].tolist()]
+        examples = draw(examples, args.train_sample, args.seed)
     return examples[: args.max_train]
+
+
+def draw(examples: list, n: int, seed: int) -> list:
+    """``n`` of ``examples`` without repeats, in the order of a permutation drawn with
+    ``fold_in(key(seed), 5)`` (so a seed's smaller draws are prefixes of its larger ones)."""
+    order = random.permutation(random.fold_in(random.key(seed), 5), len(examples))
+    return [examples[i] for i in order[:n].tolist()]
 
 
 def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tuple[Any, Any, Any]:

@@ -81,18 +81,17 @@ def epochs_for(n: int, args: argparse.Namespace) -> int:
 def fine_tune(args: argparse.Namespace, rest: list[str], init: str, n: int | None, seed: int,
               out: Path) -> float:  # fmt: skip
     """One ``finetune_classify`` run's dev accuracy (``n=None``: the whole split)."""
-    # scored once, after the last epoch (--eval-every beyond it)
+    epochs = str(args.full_epochs if n is None else epochs_for(n, args))
+    # scored once, after the last epoch
     flags = ["--pretrained", args.pretrained, "--seed", str(seed), "--no-plot", "--overwrite",
-             "--batch-size", str(args.batch_size), "--out-dir", str(out),
-             "--eval-every", "1000", *rest]  # fmt: skip
+             "--batch-size", str(args.batch_size), "--out-dir", str(out), "--epochs", epochs,
+             "--eval-every", epochs, *rest]  # fmt: skip
     if args.train:
         flags += ["--train", args.train, "--dev", args.dev]
     if init == "fresh":
         flags.append("--reinit")
-    if n is None:
-        flags += ["--epochs", str(args.full_epochs)]
-    else:
-        flags += ["--train-sample", str(n), "--epochs", str(epochs_for(n, args))]
+    if n is not None:
+        flags += ["--train-sample", str(n)]
     print(f"\n$ python -m experiments.finetune_classify {' '.join(flags)}", flush=True)
     return finetune_classify.main(flags)["accuracy"]
 
@@ -100,8 +99,7 @@ def fine_tune(args: argparse.Namespace, rest: list[str], init: str, n: int | Non
 def naive_bayes(train: list[dict], dev: list[dict], n: int | None, seed: int) -> float:
     """Uni+bigram Naive Bayes on the run's examples: the same draw as ``--train-sample``."""
     if n is not None:
-        sample = argparse.Namespace(train_sample=n, max_train=None, seed=seed)
-        train = finetune_common.budget(argparse.ArgumentParser(), sample, train)
+        train = finetune_common.draw(train, n, seed)
     predicted = finetune_classify.naive_bayes(train, dev, ngrams=2)
     return metrics.accuracy(predicted, [e["label"] for e in dev])
 
@@ -177,10 +175,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args, rest = parse(argv)
-    out = runs.prepare(args.out_dir, resume=args.resume, overwrite=args.overwrite,
-                       outputs=OUTPUTS)  # fmt: skip
-    log = runs.MetricsLog(out / "results.jsonl", keep=sys.maxsize if args.resume else None)
-    done = {(r["labels"], r["seed"], r["system"]) for r in log.records}
     if args.train:
         train, dev = data.read_classification(args.train), data.read_classification(args.dev)
     else:
@@ -188,6 +182,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for n in args.labels:
         if n > len(train):
             raise data.DataError(f"--labels {n}: the training split has only {len(train):,}")
+    # only once the data is known to be usable: nothing half-made
+    out = runs.prepare(args.out_dir, resume=args.resume, overwrite=args.overwrite,
+                       outputs=OUTPUTS)  # fmt: skip
+    log = runs.MetricsLog(out / "results.jsonl", keep=sys.maxsize if args.resume else None)
+    done = {(r["labels"], r["seed"], r["system"]) for r in log.records}
     cells = [(n, s) for n in args.labels for s in range(args.seeds)]
     cells += [(None, 0)] if args.full else []
     for n, seed in cells:

@@ -182,7 +182,7 @@ def _cloze(key, context_docs, other_docs, prefix: str) -> list[QAExample]:
     for d, doc in enumerate(context_docs):
         starts = range(0, len(doc) - 1, 4)
         draws = random.uniform(random.fold_in(key, d), (len(starts), 4, 4)).tolist()
-        for first, run_draws in zip(starts, draws, strict=False):
+        for first, run_draws in zip(starts, draws, strict=True):
             run = doc[first : first + 4]
             context = " ".join(run)
             for j, (coin, u_doc, u_sentence, u_word) in enumerate(run_draws[: len(run)]):

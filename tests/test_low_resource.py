@@ -17,6 +17,7 @@ WORDS = ["good", "bad", "not", "very", "film", "plot", "fun", "dull", ",", "."]
 
 
 def draw(n, seed, max_train=None):
+    """``--train-sample n --seed seed --max-train max_train`` of 50 examples."""
     args = argparse.Namespace(train_sample=n, max_train=max_train, seed=seed)
     return finetune_common.budget(argparse.ArgumentParser(), args, list(range(50)))
 
@@ -28,6 +29,7 @@ def test_a_label_budget_is_a_seeded_draw_without_repeats():
     assert draw(10, 0)[:4] == draw(4, 0)  # budgets of one seed are nested
     assert draw(10, 0, max_train=3) == draw(3, 0)
     assert draw(None, 0) == list(range(50))
+    assert draw(10, 3) == finetune_common.draw(list(range(50)), 10, 3)  # the baseline's draw
     with pytest.raises(SystemExit):
         draw(51, 0)
 
@@ -149,6 +151,9 @@ def test_a_small_sweep_end_to_end_and_resumed(files, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             low_resource.main([*flags[:-1], str(files / "other"), *bad])
     assert not (files / "other").exists()
+    with pytest.raises(data.DataError):
+        low_resource.main([*flags[:-1], str(files / "other"), "--labels", "1000"])
+    assert not (files / "other").exists()  # refused before the folder was made
 
 
 def test_cloze_questions_blank_one_word_of_a_sentence_in_their_context_or_not():
