@@ -42,6 +42,9 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, max_source: int, max_targ
     a("--dropout", type=cli.rate, default=0.0,
       help="0 by default: keyed dropout makes a CPU step about 1.5x slower; in four minutes "
            "the translator reached a held-out loss of 4.00 without it, 4.94 with 0.1")  # fmt: skip
+    a("--copy-source", action=argparse.BooleanOptionalAction, default=False,
+      help="a pointer-generator copy head: the decoder may copy source tokens (names, "
+           "numbers, format specifiers) as well as generate them")  # fmt: skip
     a("--batch-size", type=count, default=64)
     a("--max-steps", type=count, default=4000)
     a("--lr", type=cli.positive_float, default=2e-3)
@@ -72,6 +75,7 @@ def config(args: argparse.Namespace, vocab: int) -> fl.models.TransformerConfig:
         src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=args.d_model, nhead=args.heads,
         num_encoder_layers=args.layers, num_decoder_layers=args.layers,
         dim_feedforward=args.d_ff, dropout=args.dropout, norm_first=True,
+        copy_source=args.copy_source,
         max_seq_len=max(args.max_source, args.max_target), tie_output=False,
         embed_std=args.d_model**-0.5, dtype=cli.dtype(args),
     )  # fmt: skip

@@ -189,6 +189,7 @@ def export_decoding(
             memory_k=tuple(source for _ in cache.memory_k),
             memory_v=tuple(source for _ in cache.memory_v),
             memory_valid={0: "batch", 1: "length"},
+            copy=tuple({0: "batch", 1: "length"} for _ in cache.copy),
         )
     token = ids[:, :1]
     step = export(

@@ -50,6 +50,20 @@ ZOO = {
             dropout=0.0,
         )
     ),
+    "copy": lambda: M.Transformer(
+        M.TransformerConfig(
+            src_vocab_size=89,
+            tgt_vocab_size=89,
+            d_model=32,
+            nhead=4,
+            num_encoder_layers=1,
+            num_decoder_layers=2,
+            dim_feedforward=48,
+            max_seq_len=MAX,
+            dropout=0.0,
+            copy_source=True,
+        )
+    ),
     "classifier": lambda: M.SequenceClassifier(ZOO["llama"](), num_labels=3),
 }
 
@@ -96,7 +110,7 @@ def test_exported_model_equals_eager(exported: Any, b: int, t: int, seed: int) -
     torch.testing.assert_close(_flat(inputs(other, *x)), _flat(fn(other, *x)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama", "seq2seq"])
+@pytest.mark.parametrize("name", ["llama", "seq2seq", "copy"])
 def test_exported_decoding_equals_the_eager_cache(name: str) -> None:
     model = ZOO[name]()
     params = model.init(fl.random.key(1))
@@ -105,7 +119,7 @@ def test_exported_decoding_equals_the_eager_cache(name: str) -> None:
     x = torch.randint(0, 89, (3, 5))
     valid = torch.ones(3, 5, dtype=torch.bool)
     valid[0, :2] = False  # a left-padded prompt
-    if name == "seq2seq":
+    if name != "llama":
         cache, ref = start(x, valid), kv.encode(model, params, x, valid, max_len=12)
         tokens = torch.zeros(3, 1, dtype=torch.long)
     else:

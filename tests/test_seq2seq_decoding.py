@@ -26,7 +26,7 @@ def transformers(draw):
         num_encoder_layers=draw(st.integers(1, 2)), num_decoder_layers=draw(st.integers(1, 3)),
         dim_feedforward=32, dropout=0.0, max_seq_len=16, norm_first=draw(st.booleans()),
         positions=draw(st.sampled_from(["sinusoidal", "learned"])),
-        tie_output=draw(st.booleans()),
+        tie_output=draw(st.booleans()), copy_source=share and draw(st.booleans()),
     )  # fmt: skip
 
 

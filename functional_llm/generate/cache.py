@@ -35,7 +35,9 @@ class KVCache(NamedTuple):
     slots holding real tokens; ``index: ()`` the next slot to write; ``position: (B,)`` each
     row's next position (its number of real tokens so far). For an encoder-decoder model also
     the cross-attention keys and values of the encoded source, ``(B, heads, S, head_dim)`` per
-    layer (computed once, by :func:`encode`), and the source's ``memory_valid: (B, S)``."""
+    layer (computed once, by :func:`encode`), and the source's ``memory_valid: (B, S)``; with a
+    copy head (``copy_source``) ``copy``: its keys of the memory ``(B, S, d_model)`` and the
+    source ids ``(B, S)``."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -45,6 +47,7 @@ class KVCache(NamedTuple):
     memory_k: tuple[torch.Tensor, ...] = ()
     memory_v: tuple[torch.Tensor, ...] = ()
     memory_valid: torch.Tensor | None = None
+    copy: tuple[torch.Tensor, ...] = ()
 
     @property
     def max_len(self) -> int:
@@ -58,7 +61,7 @@ class _Decoder(NamedTuple):
     blocks: list[Params]
     block: Any
     finish: Callable[[torch.Tensor], torch.Tensor]  # the final norm
-    logits: Callable[[torch.Tensor], torch.Tensor]
+    logits: Callable[[torch.Tensor, KVCache], torch.Tensor]  # (final states, cache) -> logits
     vocab_size: int
 
 
@@ -71,14 +74,21 @@ def _decoder(model: Any, p: Params) -> _Decoder:
     ``Transformer`` (its target side)."""
     if hasattr(model, "core"):  # the encoder-decoder Transformer
         dec = model.core.decoder
+
+        def logits(h: torch.Tensor, cache: KVCache) -> torch.Tensor:
+            out = model.logits(p, h)
+            if not model.config.copy_source:
+                return out
+            return model.copy(p, out, h, *cache.copy, cache.memory_valid)
+
         return _Decoder(
             lambda t, pos: model.embed(p, "tgt", t, None, pos), p["decoder"]["blocks"],
-            dec.block, lambda h: dec.finish(p["decoder"], h), lambda h: model.logits(p, h),
-            model.config.tgt_vocab_size,
+            dec.block, lambda h: dec.finish(p["decoder"], h), logits, model.config.tgt_vocab_size,
         )  # fmt: skip
     return _Decoder(
         lambda t, pos: model.embed(p, t, pos), p["blocks"], model.block,
-        lambda h: model.stack.finish(p, h), lambda h: model.logits(p, h), model.config.vocab_size,
+        lambda h: model.stack.finish(p, h), lambda h, _: model.logits(p, h),
+        model.config.vocab_size,
     )  # fmt: skip
 
 
@@ -123,9 +133,11 @@ def encode(
     cross = model.core.decoder.block._attention(cross=True)
     kv = [cross.memory_kv(block["cross"], memory) for block in params["decoder"]["blocks"]]
     valid = torch.ones_like(src, dtype=torch.bool) if src_valid is None else src_valid.bool()
+    copy = (model.copy_keys(params, memory), src) if model.config.copy_source else ()
     return init_cache(model, src.shape[0], max_len, src.device)._replace(
-        memory_k=tuple(k for k, _ in kv), memory_v=tuple(v for _, v in kv), memory_valid=valid
-    )
+        memory_k=tuple(k for k, _ in kv), memory_v=tuple(v for _, v in kv), memory_valid=valid,
+        copy=copy,
+    )  # fmt: skip
 
 
 def prefill(
@@ -225,7 +237,7 @@ def _step(
         )  # fmt: skip
         ks.append(k)
         vs.append(v)
-    logits = dec.logits(dec.finish(h[:, -1:] if last_only else h))
+    logits = dec.logits(dec.finish(h[:, -1:] if last_only else h), cache)
     new = cache._replace(
         k=ks, v=vs, valid=slot_valid, index=cache.index + t,
         position=cache.position + valid.long().sum(-1),

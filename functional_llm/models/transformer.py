@@ -5,6 +5,10 @@ embeddings, positions, the ``torch.nn.Transformer`` core, an output projection.
     h      = Decoder(sqrt(d) E_tgt[tgt] + PE, memory)    causal over the target
     logits = W_out h + b_out                              (..., T, tgt_vocab)
 
+``copy_source=True`` adds the pointer-generator's copy head (:class:`~functional_llm.nn.Pointer`):
+the decoder then returns ``log p``, the mixture of generating from the logits and copying a
+source token, which every loss and search takes as it takes logits.
+
 Field names follow ``torch.nn.Transformer`` (``d_model, nhead, num_encoder_layers, ...``).
 ``final_norm=False`` drops the encoder's and decoder's final LayerNorm and
 ``scale_embedding=False`` the ``sqrt(d)`` factor: Marian and BART are built that way.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -35,6 +39,7 @@ from functional_llm.nn import (
     key_padding_mask,
 )
 from functional_llm.nn.module import Layer, Params, axes_of, init_all, maybe_split
+from functional_llm.nn.pointer import Pointer
 from functional_llm.nn.positions import positions_like, sinusoidal
 from functional_llm.types import ACTIVATION_NAMES, Activation
 
@@ -58,6 +63,9 @@ class TransformerConfig:
     ``--share-all-embeddings``, the ``shared`` table of T5, BART and Marian), for a joint
     vocabulary (``src_vocab_size == tgt_vocab_size``). The params then have no ``src_embed``:
     both sides read ``tgt_embed``, and with ``tie_output`` so does the output layer.
+
+    ``copy_source``: the decoder may copy source tokens (the pointer-generator,
+    :mod:`functional_llm.nn.pointer`), for a joint vocabulary. The params gain ``copy``.
     """
 
     src_vocab_size: int
@@ -75,6 +83,7 @@ class TransformerConfig:
     positions: str = "sinusoidal"
     tie_output: bool = False
     share_embeddings: bool = False
+    copy_source: bool = False
     final_norm: bool = True
     scale_embedding: bool = True
     embed_std: float = 1.0
@@ -96,11 +105,12 @@ class TransformerConfig:
         check_divides(self, "nhead", "d_model")
         if not self.embed_std > 0:
             raise ValueError(f"TransformerConfig.embed_std must be positive, got {self.embed_std}")
-        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
-            raise ValueError(
-                "TransformerConfig.share_embeddings needs one vocabulary: src_vocab_size "
-                f"{self.src_vocab_size} != tgt_vocab_size {self.tgt_vocab_size}"
-            )
+        for joint in ("share_embeddings", "copy_source"):
+            if getattr(self, joint) and self.src_vocab_size != self.tgt_vocab_size:
+                raise ValueError(
+                    f"TransformerConfig.{joint} needs one vocabulary: src_vocab_size "
+                    f"{self.src_vocab_size} != tgt_vocab_size {self.tgt_vocab_size}"
+                )
         check_rate(self, "dropout")
         check_choice(self, "activation", ACTIVATION_NAMES)
         check_choice(self, "positions", ("sinusoidal", "learned"))
@@ -113,7 +123,8 @@ class TransformerConfig:
 @dataclass(frozen=True)
 class Transformer(Layer):
     """Params: ``src_embed``, ``tgt_embed`` (and ``src_pos``/``tgt_pos`` if learned),
-    ``encoder``, ``decoder`` (as :class:`~functional_llm.nn.EncoderDecoder`), ``out``."""
+    ``encoder``, ``decoder`` (as :class:`~functional_llm.nn.EncoderDecoder`), ``out`` (and
+    ``copy`` with ``copy_source``)."""
 
     config: TransformerConfig
 
@@ -177,6 +188,8 @@ class Transformer(Layer):
                 out_axes=("vocab",),
                 dtype=c.dtype,
             )
+        if c.copy_source:
+            parts["copy"] = Pointer(d_model=c.d_model, dtype=c.dtype)
         return parts
 
     def init(self, key: torch.Tensor) -> Params:
@@ -232,12 +245,16 @@ class Transformer(Layer):
         tgt: torch.Tensor,
         memory: torch.Tensor,
         *,
+        src: torch.Tensor | None = None,
         src_valid: torch.Tensor | None = None,
         tgt_valid: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Target ids ``(..., T)`` and the memory to logits ``(..., T, tgt_vocab)``."""
+        """Target ids ``(..., T)`` and the memory to logits ``(..., T, tgt_vocab)``; with
+        ``copy_source`` the source ids ``src`` are needed too, and the result is ``log p``."""
         check_like("tgt_valid", tgt_valid, "tgt", tgt)
+        if self.config.copy_source and src is None:
+            raise ValueError("Transformer.decode: a copy_source model needs the source ids src=")
         k_embed, k_dec = maybe_split(key)
         h = self.embed(params, "tgt", tgt, k_embed)
         h = self.core.decoder.apply(
@@ -249,13 +266,34 @@ class Transformer(Layer):
             memory_mask=None if src_valid is None else key_padding_mask(src_valid),
             key=k_dec,
         )
-        return self.logits(params, h)
+        logits = self.logits(params, h)
+        if not self.config.copy_source:
+            return logits
+        keys = self.copy_keys(params, memory)
+        return self.copy(params, logits, h, keys, cast(torch.Tensor, src), src_valid)
 
     def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Decoder states to logits: tied to the target embedding, or the ``out`` projection."""
         if self.config.tie_output:
             return Embedding.attend(params["tgt_embed"], h)
         return self._parts()["out"].apply(params["out"], h)
+
+    def copy_keys(self, params: Params, memory: torch.Tensor) -> torch.Tensor:
+        """The copy attention's keys of the memory (``copy_source`` models)."""
+        return cast(Pointer, self._parts()["copy"]).keys(params["copy"], memory)
+
+    def copy(
+        self,
+        params: Params,
+        logits: torch.Tensor,
+        h: torch.Tensor,
+        keys: torch.Tensor,
+        src: torch.Tensor,
+        src_valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``log p``: the logits mixed with copying from the source (:class:`Pointer`)."""
+        pointer = cast(Pointer, self._parts()["copy"])
+        return pointer.apply(params["copy"], logits, h, keys, src, src_valid)
 
     def stages(self, n_stages: int) -> list[Stage]:
         """The model cut into ``n_stages`` pipeline stages over its encoder blocks, then its
@@ -266,6 +304,9 @@ class Transformer(Layer):
         c = self.config
         if c.dropout:
             raise ValueError("Transformer.stages: pipeline stages run without keys; use inference")
+        if c.copy_source:
+            raise ValueError("Transformer.stages: the copy head needs the source ids at the last "
+                             "stage, which pipeline stages do not pass on")  # fmt: skip
         core, n_enc = self.core, c.num_encoder_layers
         out = ("tgt_embed",) if c.tie_output else ("out",)
         stages = []
@@ -333,4 +374,6 @@ class Transformer(Layer):
         self.check(params)
         k_enc, k_dec = maybe_split(key)
         memory = self.encode(params, src, src_valid=src_valid, key=k_enc)
-        return self.decode(params, tgt, memory, src_valid=src_valid, tgt_valid=tgt_valid, key=k_dec)
+        return self.decode(
+            params, tgt, memory, src=src, src_valid=src_valid, tgt_valid=tgt_valid, key=k_dec
+        )

@@ -9,6 +9,7 @@ from functional_llm.nn.linear import Linear
 from functional_llm.nn.mlp import ACTIVATIONS, MLP
 from functional_llm.nn.module import Layer, check_tree, eval_shape
 from functional_llm.nn.norm import LayerNorm, RMSNorm, make_norm
+from functional_llm.nn.pointer import Pointer
 from functional_llm.nn.positions import RopeScaling, positions_like, rope, sinusoidal
 from functional_llm.nn.remat import remat
 from functional_llm.nn.stacks import Decoder, EncoderDecoder, Stack
@@ -26,6 +27,7 @@ __all__ = [
     "LayerNorm",
     "Linear",
     "MultiHeadAttention",
+    "Pointer",
     "RMSNorm",
     "RopeScaling",
     "Stack",

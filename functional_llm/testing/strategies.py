@@ -96,7 +96,8 @@ def bert_configs(max_layers: int = 2, max_heads: int = 4, **fixed: Any) -> Any:
 
 def transformer_configs(max_layers: int = 2, max_heads: int = 4, **fixed: Any) -> Any:
     """Tiny :class:`~functional_llm.models.TransformerConfig` s: pre- or post-LN, learned or
-    sinusoidal positions, tied output or not (no dropout unless ``fixed``)."""
+    sinusoidal positions, tied output or not, with a copy head or not where the two sides
+    share a vocabulary (no dropout unless ``fixed``)."""
     st = _st()
     from functional_llm.models import TransformerConfig
 
@@ -119,6 +120,9 @@ def transformer_configs(max_layers: int = 2, max_heads: int = 4, **fixed: Any) -
             "max_seq_len": 32,
             **fixed,
         }
+        joint = fields["src_vocab_size"] == fields["tgt_vocab_size"]
+        if "copy_source" not in fixed:
+            fields["copy_source"] = joint and draw(st.booleans())
         return TransformerConfig(**fields)
 
     return build()
