@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lang", default="de", help="the target language of the default corpus")
     p.add_argument("--translate", action="append", help="translate this with the trained model")
     task.add_args(p, "out/translate", max_source=96, max_target=96)
-    p.set_defaults(max_steps=3300, warmup=200, eval_interval=300, ckpt_interval=300, average=4)
+    p.set_defaults(max_steps=3000, warmup=200, eval_interval=300, ckpt_interval=300, average=4,
+                   copy_source=True)  # fmt: skip
     args = p.parse_args(argv)
     task.check_args(p, args)
     if args.translate:

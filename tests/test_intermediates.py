@@ -219,3 +219,8 @@ def test_bad_requests_name_the_site() -> None:
     with pytest.raises(ValueError, match="several stacks"):
         interpret.stack_path({"left": {"blocks": []}, "right": {"blocks": []}})
     assert interpret.stack_path(MODELS["classifier"][1]) == "backbone"
+    copying = fl.models.Transformer(fl.models.TransformerConfig(
+        src_vocab_size=9, tgt_vocab_size=9, d_model=8, nhead=2, num_encoder_layers=1,
+        num_decoder_layers=1, dim_feedforward=16, copy_source=True))  # fmt: skip
+    with pytest.raises(ValueError, match="copies from the source through its copy head"):
+        interpret.readout(copying, copying.init(fl.random.key(0)), torch.zeros(1, 8))

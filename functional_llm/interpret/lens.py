@@ -39,6 +39,11 @@ def readout(model: Any, params: Params, h: torch.Tensor) -> torch.Tensor:
     if isinstance(model, models.BERT):
         return model.mlm_logits(params, model.stack.finish(params, h))
     _check_family(model, "readout")
+    if model.config.copy_source:
+        raise ValueError(
+            "readout: a copy_source model's output also copies from the source through its "
+            "copy head, which a lens over the decoder states lacks"
+        )
     return model.logits(params, model.core.decoder.finish(params["decoder"], h))
 
 

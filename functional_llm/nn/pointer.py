@@ -77,9 +77,16 @@ class Pointer(Layer):
         if src_valid is not None:
             scores = scores.masked_fill(~src_valid[..., None, :].bool(), float("-inf"))
         attention = scores.softmax(-1)
-        index = src[..., None, :].expand(attention.shape)
-        copied = torch.zeros_like(logits, dtype=work).scatter_add(-1, index, attention)
+        # Only the source's tokens gain copy mass: a_t,s summed over the positions holding the
+        # same token as s, which is the same at every position holding it.
+        same = src[..., :, None] == src[..., None, :]  # (..., S, S)
+        copied = (attention @ same.to(work)).clamp_min(torch.finfo(work).tiny)  # (..., T, S)
         z = parts["gate"].apply(params["gate"], h).to(work)  # (..., T, 1): the copy logit
-        generate = logits.to(work).log_softmax(-1) + F.logsigmoid(-z)
-        copy = copied.clamp_min(torch.finfo(work).tiny).log() + F.logsigmoid(z)
-        return torch.logaddexp(generate, copy).to(logits.dtype)
+        generate = logits.to(work).log_softmax(-1) + F.logsigmoid(-z)  # (..., T, V)
+        index = src[..., None, :].expand(copied.shape)
+        mixed = torch.logaddexp(generate.gather(-1, index), copied.log() + F.logsigmoid(z))
+        # A token at several positions is written once per position, all with one value; the
+        # gradient goes through its first position only, or it would count once per copy.
+        first = ~(same & torch.ones_like(same).tril(-1)).any(-1)  # (..., S)
+        mixed = torch.where(first[..., None, :], mixed, mixed.detach())
+        return generate.scatter(-1, index, mixed).to(logits.dtype)
