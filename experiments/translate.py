@@ -1,6 +1,6 @@
 """Train the article's encoder-decoder Transformer to translate, and score it with BLEU.
 
-    python -m experiments.translate                       # English -> German, ~15 min
+    python -m experiments.translate                       # English -> German, ~19 min
     python -m experiments.translate --lang fr             # any language with catalogs here
     python -m experiments.translate --train wmt.tsv --dev newstest.tsv
     python -m experiments.translate --translate "File not found"     # with the trained model
@@ -9,6 +9,10 @@ With no ``--train`` the corpus is the gettext message catalogs installed on the 
 (``experiments/parallel_corpora.py``): every program's English messages and their
 translations, whole catalogs held out, so the scored messages come from programs the model
 never saw. ``--train/--dev`` take TSV (``source<TAB>target``), JSONL or gettext files.
+
+The model has a copy head by default (``--copy-source``, the pointer-generator of
+:mod:`functional_llm.nn.pointer`): UI strings carry names, options, paths and format
+specifiers over verbatim, which a model that must generate every token garbles.
 
 Scored with sacrebleu's BLEU and chrF (its signature is printed) on the held-out pairs,
 greedy and with beam search, next to two baselines on the same pairs: copying the source
