@@ -18,8 +18,9 @@ Writes into ``--out`` (default ``<run>/inspect``):
 * ``attention.png``: every head of ``--layer`` (default the last), query by attended token;
 * ``attribution.html`` and ``attribution.png``: which tokens made the prediction (integrated
   gradients on the token embeddings, ``--steps`` Gauss-Legendre nodes; red raised it);
-* ``lens.png`` (GPT and BERT): each layer's top token at each position, read through the
-  model's own head (the logit lens), shaded by its probability.
+* ``lens.png`` (GPT, BERT and a translator without a copy head): each layer's top token at
+  each position, read through the model's own head (the logit lens), shaded by its
+  probability. A copy head's output depends on the source too, which a lens cannot read.
 
 Prints the prediction, the completeness error of the attributions and the strongest tokens.
 """
@@ -230,7 +231,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pictures.attribution_html(labels, ig.values[0], out / "attribution.html", title=title)
     pictures.attribution_png(labels, ig.values[0], out / "attribution.png", title=title)
     written = ["attention.png", "attribution.html", "attribution.png"]
-    if s.kind != "classifier":
+    copying = getattr(getattr(s.model, "config", None), "copy_source", False)
+    if copying:
+        print("no lens.png: the copy head's output depends on the source as well")
+    if s.kind != "classifier" and not copying:
         probs = interpret.logit_lens(s.model, s.params, *inputs)[:, 0].softmax(-1)
         top_p, top_i = probs.max(-1)
         grid = [[_piece(s.tok, i) for i in row] for row in top_i.tolist()]

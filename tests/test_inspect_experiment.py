@@ -96,7 +96,8 @@ def test_pictures_refuse_labels_that_do_not_fit(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_a_translation_run_is_drawn_with_its_cross_attention(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_translation_run_is_drawn_with_its_cross_attention(tmp_path: Path, copy: bool) -> None:
     pairs = [("open the file", "die Datei öffnen"), ("close the file", "die Datei schließen"),
              ("open the window", "das Fenster öffnen")] * 4  # fmt: skip
     (tmp_path / "t.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
@@ -104,8 +105,10 @@ def test_a_translation_run_is_drawn_with_its_cross_attention(tmp_path: Path) -> 
                     "--vocab-size", "300", "--max-steps", "6", "--eval-interval", "6",
                     "--eval-size", "2", "--batch-size", "4", "--no-plot", "--warmup", "2",
                     "--train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "t.tsv"),
-                    "--out-dir", str(tmp_path / "tr")])  # fmt: skip
+                    "--out-dir", str(tmp_path / "tr"),
+                    "--copy-source" if copy else "--no-copy-source"])  # fmt: skip
     result = cli_inspect.main([str(tmp_path / "tr"), "--text", "open the file", "--layer", "1"])
-    _pictures_are_real(tmp_path / "tr" / "inspect",
-                       ["attention.png", "attribution.html", "lens.png"])  # fmt: skip
+    drawn = ["attention.png", "attribution.html"] + ([] if copy else ["lens.png"])
+    _pictures_are_real(tmp_path / "tr" / "inspect", drawn)
+    assert (tmp_path / "tr" / "inspect" / "lens.png").exists() != copy  # no lens of a copy head
     assert abs(result["delta"]) < 1e-2

@@ -79,7 +79,7 @@ def _decoder(model: Any, p: Params) -> _Decoder:
             out = model.logits(p, h)
             if not model.config.copy_source:
                 return out
-            return model.copy(p, out, h, *cache.copy, cache.memory_valid)
+            return model.pointer.apply(p["copy"], out, h, *cache.copy, cache.memory_valid)
 
         return _Decoder(
             lambda t, pos: model.embed(p, "tgt", t, None, pos), p["decoder"]["blocks"],
@@ -133,7 +133,7 @@ def encode(
     cross = model.core.decoder.block._attention(cross=True)
     kv = [cross.memory_kv(block["cross"], memory) for block in params["decoder"]["blocks"]]
     valid = torch.ones_like(src, dtype=torch.bool) if src_valid is None else src_valid.bool()
-    copy = (model.copy_keys(params, memory), src) if model.config.copy_source else ()
+    copy = (model.pointer.keys(params["copy"], memory), src) if model.config.copy_source else ()
     return init_cache(model, src.shape[0], max_len, src.device)._replace(
         memory_k=tuple(k for k, _ in kv), memory_v=tuple(v for _, v in kv), memory_valid=valid,
         copy=copy,

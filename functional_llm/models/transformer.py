@@ -189,7 +189,7 @@ class Transformer(Layer):
                 dtype=c.dtype,
             )
         if c.copy_source:
-            parts["copy"] = Pointer(d_model=c.d_model, dtype=c.dtype)
+            parts["copy"] = self.pointer
         return parts
 
     def init(self, key: torch.Tensor) -> Params:
@@ -269,8 +269,10 @@ class Transformer(Layer):
         logits = self.logits(params, h)
         if not self.config.copy_source:
             return logits
-        keys = self.copy_keys(params, memory)
-        return self.copy(params, logits, h, keys, cast(torch.Tensor, src), src_valid)
+        keys = self.pointer.keys(params["copy"], memory)
+        return self.pointer.apply(
+            params["copy"], logits, h, keys, cast(torch.Tensor, src), src_valid
+        )
 
     def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Decoder states to logits: tied to the target embedding, or the ``out`` projection."""
@@ -278,22 +280,10 @@ class Transformer(Layer):
             return Embedding.attend(params["tgt_embed"], h)
         return self._parts()["out"].apply(params["out"], h)
 
-    def copy_keys(self, params: Params, memory: torch.Tensor) -> torch.Tensor:
-        """The copy attention's keys of the memory (``copy_source`` models)."""
-        return cast(Pointer, self._parts()["copy"]).keys(params["copy"], memory)
-
-    def copy(
-        self,
-        params: Params,
-        logits: torch.Tensor,
-        h: torch.Tensor,
-        keys: torch.Tensor,
-        src: torch.Tensor,
-        src_valid: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``log p``: the logits mixed with copying from the source (:class:`Pointer`)."""
-        pointer = cast(Pointer, self._parts()["copy"])
-        return pointer.apply(params["copy"], logits, h, keys, src, src_valid)
+    @property
+    def pointer(self) -> Pointer:
+        """The copy head of a ``copy_source`` model (its params are ``params["copy"]``)."""
+        return Pointer(d_model=self.config.d_model, dtype=self.config.dtype)
 
     def stages(self, n_stages: int) -> list[Stage]:
         """The model cut into ``n_stages`` pipeline stages over its encoder blocks, then its
