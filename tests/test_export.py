@@ -5,6 +5,7 @@ functional_llm, and ONNX through onnxruntime."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -50,19 +51,8 @@ ZOO = {
             dropout=0.0,
         )
     ),
-    "copy": lambda: M.Transformer(
-        M.TransformerConfig(
-            src_vocab_size=89,
-            tgt_vocab_size=89,
-            d_model=32,
-            nhead=4,
-            num_encoder_layers=1,
-            num_decoder_layers=2,
-            dim_feedforward=48,
-            max_seq_len=MAX,
-            dropout=0.0,
-            copy_source=True,
-        )
+    "copy": lambda: M.Transformer(  # the seq2seq model on one vocabulary, with a copy head
+        dataclasses.replace(ZOO["seq2seq"]().config, src_vocab_size=89, copy_source=True)
     ),
     "classifier": lambda: M.SequenceClassifier(ZOO["llama"](), num_labels=3),
 }

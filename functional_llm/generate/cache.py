@@ -74,16 +74,11 @@ def _decoder(model: Any, p: Params) -> _Decoder:
     ``Transformer`` (its target side)."""
     if hasattr(model, "core"):  # the encoder-decoder Transformer
         dec = model.core.decoder
-
-        def logits(h: torch.Tensor, cache: KVCache) -> torch.Tensor:
-            out = model.logits(p, h)
-            if not model.config.copy_source:
-                return out
-            return model.pointer.apply(p["copy"], out, h, *cache.copy, cache.memory_valid)
-
         return _Decoder(
             lambda t, pos: model.embed(p, "tgt", t, None, pos), p["decoder"]["blocks"],
-            dec.block, lambda h: dec.finish(p["decoder"], h), logits, model.config.tgt_vocab_size,
+            dec.block, lambda h: dec.finish(p["decoder"], h),
+            lambda h, cache: model.output(p, h, cache.copy, cache.memory_valid),
+            model.config.tgt_vocab_size,
         )  # fmt: skip
     return _Decoder(
         lambda t, pos: model.embed(p, t, pos), p["blocks"], model.block,
@@ -133,10 +128,9 @@ def encode(
     cross = model.core.decoder.block._attention(cross=True)
     kv = [cross.memory_kv(block["cross"], memory) for block in params["decoder"]["blocks"]]
     valid = torch.ones_like(src, dtype=torch.bool) if src_valid is None else src_valid.bool()
-    copy = (model.pointer.keys(params["copy"], memory), src) if model.config.copy_source else ()
     return init_cache(model, src.shape[0], max_len, src.device)._replace(
         memory_k=tuple(k for k, _ in kv), memory_v=tuple(v for _, v in kv), memory_valid=valid,
-        copy=copy,
+        copy=model.copy_context(params, memory, src),
     )  # fmt: skip
 
 

@@ -266,13 +266,33 @@ class Transformer(Layer):
             memory_mask=None if src_valid is None else key_padding_mask(src_valid),
             key=k_dec,
         )
+        copy = self.copy_context(params, memory, cast(torch.Tensor, src))
+        return self.output(params, h, copy, src_valid)
+
+    def copy_context(
+        self, params: Params, memory: torch.Tensor, src: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """What the copy head reads of a source, once per source (a decoding cache keeps it):
+        its keys of the memory and the source ids; ``()`` without ``copy_source``."""
+        if not self.config.copy_source:
+            return ()
+        return self.pointer.keys(params["copy"], memory), src
+
+    def output(
+        self,
+        params: Params,
+        h: torch.Tensor,
+        copy: tuple[torch.Tensor, ...] = (),
+        src_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What the decoder returns for its final states ``h``: the logits, or with
+        ``copy_source`` ``log p``, mixed with copying from the source (``copy`` from
+        :meth:`copy_context`)."""
         logits = self.logits(params, h)
         if not self.config.copy_source:
             return logits
-        keys = self.pointer.keys(params["copy"], memory)
-        return self.pointer.apply(
-            params["copy"], logits, h, keys, cast(torch.Tensor, src), src_valid
-        )
+        keys, src = copy
+        return self.pointer.apply(params["copy"], logits, h, keys, src, src_valid)
 
     def logits(self, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Decoder states to logits: tied to the target embedding, or the ``out`` projection."""
