@@ -14,12 +14,14 @@ interleaved so machine noise hits every case alike. Cases:
 
 Peak memory: each case also runs alone in a child process, which reports its peak resident
 set minus its resting one after the steps (params, grads and optimizer state): the transient
-memory one update needs.
+memory one update needs; and the peak itself. With ``--retain-freed-memory`` freed memory stays
+resident, so the transient column reads near 0 and the peak is the figure to compare.
 
     python -m benchmarks.optim [--layers 4 --vocab 50257 --repeats 7] [--no-compile]
+    python -m benchmarks.optim --retain-freed-memory      # fl.allocator.retain_freed_memory()
 
 Allocator settings change every figure; both sides run under the same ones, and the script
-prints the ``MALLOC_*`` variables in effect.
+prints the ``MALLOC_*`` variables in effect and whether ``--retain-freed-memory`` applied.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def child(args: argparse.Namespace) -> None:
     fn = cases(params, grads, args.case == "ours compiled")[args.case]()
     for _ in range(4):
         fn()
-    print(json.dumps({"transient_mb": _status_mb("VmHWM") - _status_mb("VmRSS")}))
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"transient_mb": peak - _status_mb("VmRSS"), "peak_mb": peak}))
 
 
 def main() -> None:
@@ -135,8 +138,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--retain-freed-memory",
+        action="store_true",
+        help="keep freed memory in the heap (fl.allocator), for every case",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    retained = args.retain_freed_memory and fl.allocator.retain_freed_memory()
     if args.case:
         return child(args)
 
@@ -145,7 +154,8 @@ def main() -> None:
     n = fl.tree.size(params)
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     shape = f"AdamW on {n / 1e6:.1f}M parameters in {len(fl.tree.leaves(params))} tensors"
-    print(f"{shape}; {torch.get_num_threads()} threads; allocator settings: {malloc or 'default'}")
+    print(f"{shape}; {torch.get_num_threads()} threads; allocator settings: {malloc or 'default'}"
+          f"; freed memory retained: {retained}")  # fmt: skip
     fns = {}
     for name, factory in cases(params, grads, not args.no_compile).items():
         try:
@@ -160,7 +170,7 @@ def main() -> None:
         for name, fn in fns.items():
             times[name].append(median_ms(fn, 1))
     ref = statistics.median(times["torch foreach"])
-    print(f"{'case':<16} {'median ms':>10} {'vs foreach':>11} {'transient MB':>13}")
+    print(f"{'case':<16} {'median ms':>10} {'vs foreach':>11} {'transient MB':>13} {'peak MB':>8}")
     for name in fns:
         cmd = [
             sys.executable,
@@ -172,12 +182,14 @@ def main() -> None:
             str(args.layers),
             "--vocab",
             str(args.vocab),
+            *(["--retain-freed-memory"] if args.retain_freed_memory else []),
         ]
         root = Path(__file__).resolve().parents[1]  # this checkout, installed or not
         result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
-        rise = json.loads(result.stdout.strip().splitlines()[-1])["transient_mb"]
+        memory = json.loads(result.stdout.strip().splitlines()[-1])
         med = statistics.median(times[name])
-        print(f"{name:<16} {med:>10.1f} {med / ref:>11.2f} {rise:>13.0f}")
+        print(f"{name:<16} {med:>10.1f} {med / ref:>11.2f} {memory['transient_mb']:>13.0f} "
+              f"{memory['peak_mb']:>8.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

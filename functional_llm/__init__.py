@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from functional_llm import (
+        allocator,
         checkpoint,
         compress,
         curvature,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = [
+    "allocator",
     "checkpoint",
     "compress",
     "curvature",
