@@ -5,10 +5,11 @@ interleaved so machine noise hits every case alike. Cases:
 
 * ``torch foreach``: ``torch.optim.AdamW(foreach=True)``, in place (the reference);
 * ``torch fused``: ``torch.optim.AdamW(fused=True)``, in place, where the build supports it;
-* ``ours eager``: ``adamw(...).update`` + ``apply_updates``, a pure step (new tensors);
+* ``ours eager``: ``adamw(...).update`` + ``apply_updates``, Optax's two calls (the chain's
+  arithmetic; new tensors);
 * ``ours compiled``: the same step under ``torch.compile``;
-* ``ours copy+fused``: ``optim.update_and_apply(adamw(...), ..., donate=True)`` on copies of
-  params and state made each step (pure at the boundary);
+* ``ours pure step``: ``optim.update_and_apply(adamw(...), ...)``, pure, as ``make_step`` runs
+  it: eagerly, AdamW's fused kernel on copies of params and state the step makes and owns;
 * ``ours donated``: the same without the copies: the caller hands over params and state, and
   AdamW's ``update_in_place`` (the fused kernel) writes the new values into their buffers.
 
@@ -79,16 +80,15 @@ def cases(
 
         return go
 
-    def donated_case(donate: bool) -> Callable[[], object]:
+    def update_and_apply_case(donate: bool) -> Callable[[], object]:
         opt = optim.adamw(LR, *BETAS, EPS, WD)
         holder = {"p": fl.tree.map(torch.clone, params)}
         holder["s"] = opt.init(holder["p"])
 
         def go() -> None:
-            p, s = holder["p"], holder["s"]
-            if not donate:  # pure at the boundary: the step consumes copies
-                p, s = fl.tree.map(torch.clone, (p, s))
-            holder["p"], holder["s"] = optim.update_and_apply(opt, p, grads, s, donate=True)
+            holder["p"], holder["s"] = optim.update_and_apply(
+                opt, holder["p"], grads, holder["s"], donate=donate
+            )
 
         return go
 
@@ -96,8 +96,8 @@ def cases(
         "torch foreach": lambda: torch_case(foreach=True),
         "torch fused": lambda: torch_case(fused=True),
         "ours eager": lambda: pure_case(False),
-        "ours copy+fused": lambda: donated_case(False),
-        "ours donated": lambda: donated_case(True),
+        "ours pure step": lambda: update_and_apply_case(False),
+        "ours donated": lambda: update_and_apply_case(True),
     }
     if compile_too:
         out["ours compiled"] = lambda: pure_case(True)

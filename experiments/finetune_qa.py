@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return out
 
     print(f"{len(train_f):,} training windows, {len(dev_f):,} dev windows")
-    _, final = common.fit(args, losses.qa_span(model), params, model, train_f, pad, evaluate, run)
+    meta = common.model_meta(tok, backbone, task="qa")
+    _, final = common.fit(args, losses.qa_span(model), params, model, train_f, pad, evaluate, run,
+                          meta)  # fmt: skip
     run.record({"final": True, **final, "no_answer_exact": no_answer["exact"]})
     run.close(not args.no_plot, "f1")
     print(f"dev exact match {final['exact']:.2f}, F1 {final['f1']:.2f} "

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 "word_accuracy": metrics.accuracy(flat_p, flat_g)}  # fmt: skip
 
     loss = losses.token_classification(model)
-    _, final = common.fit(args, loss, params, model, train_f, pad, evaluate, run)
+    meta = common.model_meta(tok, backbone, labels=tags, task="tag")
+    _, final = common.fit(args, loss, params, model, train_f, pad, evaluate, run, meta)
     run.record({"final": True, **final})
     run.close(not args.no_plot, "f1")
     print(f"dev entity F1 {final['f1']:.4f} (precision {final['precision']:.4f}, recall "

@@ -242,6 +242,8 @@ def make_step(
       the new params and optimizer state into its buffers, with the optimizer's
       ``update_in_place`` where it has one (:func:`~functional_llm.optim.adamw`: the fused
       kernel of ``torch.optim.AdamW``). Eager only: a compiled step takes ``donate=False``.
+      Without donation the step is pure; eagerly it runs the same kernel on copies it owns
+      (:func:`~functional_llm.optim.update_and_apply`), so both give the same bits.
     * ``skip_nonfinite=True``: a step whose loss or gradient norm is not finite leaves the
       params and optimizer state as they were (Optax's ``apply_if_finite``), with no host sync;
       ``metrics["skipped"]`` is 1.0 for such a step. Without it a non-finite step is applied:

@@ -18,6 +18,25 @@ def load(name):
     return importlib.import_module(f"experiments.{name}")
 
 
+def fl_head(name):
+    import functional_llm as fl
+
+    return getattr(fl.models, name)
+
+
+def assert_rebuildable(model_file, head, pretrained_dir, **fields):
+    """The saved fine-tuned model records what rebuilds it: the pretrained run's tokenizer,
+    the backbone's config and the task's fields; its params load into the rebuilt head."""
+    import functional_llm as fl
+
+    meta = checkpoint.metadata(model_file)
+    assert meta["tokenizer"] == json.loads((pretrained_dir / "tokenizer.json").read_text())
+    assert {k: meta[k] for k in fields} == fields
+    backbone = fl.models.BERT(checkpoint.config_from_dict(fl.models.BERTConfig, meta["config"]))
+    labels = {"num_labels": len(meta["labels"])} if "labels" in meta else {}
+    checkpoint.load(model_file, like=head(backbone, **labels).shapes())
+
+
 SENTENCES = [
     "The cat sat on the mat.", "A dog ran in the park.", "Birds sing in the morning.",
     "The sun rose over the hills.", "Rain fell on the old roof.", "She read a long book.",
@@ -111,6 +130,9 @@ def test_tagging_on_conll(pretrained, tmp_path):
          "--out-dir", str(tmp_path / "o")]
     )  # fmt: skip
     assert {"precision", "recall", "f1", "word_accuracy"} <= set(result)
+    tags = ["B-ANIMAL", "E-ANIMAL", "O", "S-ANIMAL"]  # BIOES, sorted
+    assert_rebuildable(tmp_path / "o" / "model.safetensors", fl_head("TokenClassifier"),
+                       root / "whole", task="tag", labels=tags)  # fmt: skip
 
 
 def test_tagging_names_tags_outside_bio_before_training(tmp_path, capsys):
@@ -143,3 +165,5 @@ def test_qa_on_squad_with_held_out_articles(pretrained, tmp_path):
     )  # fmt: skip
     assert result["no_answer_exact"] == 50.0  # half the held-out questions are unanswerable
     assert 0.0 <= result["exact"] <= 100.0 and 0.0 <= result["f1"] <= 100.0
+    assert_rebuildable(tmp_path / "o" / "model.safetensors", fl_head("ExtractiveQA"),
+                       root / "whole", task="qa")  # fmt: skip

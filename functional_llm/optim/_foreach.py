@@ -144,17 +144,20 @@ def adam_direction(
     """``(mu / (1 - b1^t)) / (sqrt((nu + eps_root) / (1 - b2^t)) + eps)``, in torch.optim's
     order of operations (bias corrections in float64, as it computes them on the host)."""
     denom = sqrt(add_scalar(nu, eps_root) if eps_root else nu)
+    c1 = bias_correction(b1, t).to(mu[0].dtype)
+    c2 = torch.sqrt(bias_correction(b2, t)).to(mu[0].dtype)
     if _per_leaf():
-        c1 = bias_correction(b1, t).to(mu[0].dtype)
-        c2 = torch.sqrt(bias_correction(b2, t)).to(mu[0].dtype)
         return [m / (d / c2 + eps) / c1 for m, d in zip(mu, denom, strict=True)]
-    torch._foreach_div_(denom, torch.sqrt(bias_correction(b2, t)).to(mu[0].dtype))
+    tracked = torch.is_grad_enabled() and any(x.requires_grad for x in (*mu, *denom))
+    if tracked or torch.compiler.is_compiling() or any(type(d) is not torch.Tensor for d in denom):
+        # out of place: autograd needs sqrt's output as it was (a step differentiated through)
+        denom = torch._foreach_add(torch._foreach_div(denom, c2), eps)
+        return list(torch._foreach_div(torch._foreach_div(mu, denom), c1))
+    # eagerly, the same arithmetic in the denominator's buffers (ours): two fewer tensors
+    torch._foreach_div_(denom, c2)
     torch._foreach_add_(denom, eps)
-    if torch.compiler.is_compiling() or any(type(d) is not torch.Tensor for d in denom):
-        u = list(torch._foreach_div(mu, denom))
-    else:  # eagerly, the quotient goes into the denominator's buffer (ours): one less tensor
-        u = [torch.div(m, d, out=d) for m, d in zip(mu, denom, strict=True)]
-    torch._foreach_div_(u, bias_correction(b1, t).to(mu[0].dtype))
+    u = [torch.div(m, d, out=d) for m, d in zip(mu, denom, strict=True)]
+    torch._foreach_div_(u, c1)
     return u
 
 

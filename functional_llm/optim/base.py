@@ -8,8 +8,9 @@ A :class:`GradientTransformation` is a pair of pure functions::
 
 An optimizer may also offer ``update_in_place(params, grads, state) -> (params, state)``, the
 same step written into the buffers of ``params`` and ``state`` (for AdamW, the fused kernel of
-``torch.optim``): :func:`update_and_apply` with ``donate=True`` uses it where it exists, so a
-train step has one code path for every optimizer.
+``torch.optim``): :func:`update_and_apply` uses it where it exists, in the caller's buffers
+with ``donate=True`` and on copies it owns without, so a train step has one code path for
+every optimizer.
 
 Nothing is mutated: states are pytrees (NamedTuples of tensors and trees of tensors) that
 can be saved, sharded, vmapped and compiled. ``None`` in a tree is a hole (a leaf some
@@ -187,12 +188,37 @@ def update_and_apply(
 
     ``donate=True``: ``params`` and ``state`` are consumed (do not read them again); the
     optimizer's ``update_in_place`` runs where it has one, and otherwise the updates are added
-    into the params' buffers. ``donate=False``: pure."""
+    into the params' buffers.
+
+    ``donate=False``: pure, ``params`` and ``state`` are left as they were. Eagerly, on plain
+    tensors, an optimizer with ``update_in_place`` runs it on copies of them that this step
+    owns, so the pure step gets the fused kernel too and the same bits as a donated one (and
+    makes three params-sized tensors, where the chain of ``update`` makes four and more
+    passes). Under ``torch.compile``, ``vmap`` or ``grad``, on DTensors or on tensors that
+    require grad it runs ``update`` and adds the updates, which the compiler fuses."""
     check_grads(params, grads)
-    if donate and optimizer.update_in_place is not None:
-        return optimizer.update_in_place(params, grads, state)
+    if optimizer.update_in_place is not None:
+        if donate:
+            return optimizer.update_in_place(params, grads, state)
+        if _plain_eager(params, grads):
+            copy = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
+            return optimizer.update_in_place(tree.map(copy, params), grads, tree.map(copy, state))
     updates, state = optimizer.update(grads, state, params)
     return _add(params, updates, donate), state
+
+
+def _plain_eager(*trees: PyTree) -> bool:
+    """Eager, and every leaf a plain floating tensor on the CPU or a GPU, outside autograd and
+    torch.func's transforms: what a fused in-place kernel may run on."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(
+        type(x) is torch.Tensor
+        and x.is_floating_point()
+        and x.device.type in ("cpu", "cuda")
+        and not x.requires_grad
+        for x in tree.leaves(trees)
+    )
 
 
 def check_grads(
