@@ -1,5 +1,6 @@
 """What the fine-tuning experiments share: flags, the backbone (pretrained or fresh), the
-optimizer (freezing, layer-wise decay, LoRA), the training loop and batched prediction.
+optimizer (freezing, layer-wise decay, LoRA), the resumable training loop and batched
+prediction.
 
 A pretrained backbone is a directory written by ``pretrain_bert.py``: ``tokenizer.json`` and
 ``bert.safetensors`` (params, with the config in the checkpoint's metadata).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -96,17 +98,19 @@ def add_args(p: argparse.ArgumentParser, out_dir: str, epochs: int = 3) -> None:
     a("--seed", type=cli.nonnegative_int, default=0)
     a("--threads", type=count, default=None)
     a("--out-dir", default=out_dir)
-    cli.add_run_args(p, resume=False)
+    cli.add_run_args(p)
     a("--no-plot", action="store_true")
 
 
-OUTPUTS = ("metrics.jsonl", "curves.png", "model.safetensors")
+OUTPUTS = ("metrics.jsonl", "curves.png", "model.safetensors", "checkpoints", "tokenizer.json")
 
 
 def open_run(args: argparse.Namespace) -> Run:
-    """The run's folder, guarded (:func:`functional_llm.runs.prepare`), and its metrics log."""
-    out = runs.prepare(args.out_dir, resume=False, overwrite=args.overwrite, outputs=OUTPUTS)
-    return Run(out)
+    """The run's folder, guarded (:func:`functional_llm.runs.prepare`), and its metrics log
+    (with ``--resume`` kept whole until :func:`fit` rewinds it to its checkpoint)."""
+    out = runs.prepare(args.out_dir, resume=args.resume, overwrite=args.overwrite,
+                       outputs=OUTPUTS)  # fmt: skip
+    return Run(out, keep=sys.maxsize if args.resume else None)
 
 
 def train_dev(
@@ -149,8 +153,8 @@ def draw(examples: list, n: int, seed: int) -> list:
 
 def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tuple[Any, Any, Any]:
     """``(tokenizer, backbone model, pretrained params or None)``; a fresh backbone gets a
-    tokenizer trained on ``texts()``, or with ``--reinit`` the pretrained run's tokenizer and
-    config (and no params)."""
+    tokenizer trained on ``texts()`` (saved in the run's folder, and read back by ``--resume``),
+    or with ``--reinit`` the pretrained run's tokenizer and config (and no params)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pretrained:
@@ -169,7 +173,12 @@ def backbone(args: argparse.Namespace, texts: Callable[[], Sequence[str]]) -> tu
             return tok, model, None
         params = checkpoint.load(where / "bert.safetensors", like=saved.shapes())
         return tok, model, cli.to_device(params, torch.device("cpu"), cli.dtype(args))
-    tok = data.SubwordTokenizer.train(texts(), args.vocab_size)
+    saved = Path(args.out_dir) / "tokenizer.json"
+    if args.resume and saved.exists():  # training one again may split words differently
+        tok = data.load_tokenizer(saved)
+    else:
+        tok = data.SubwordTokenizer.train(texts(), args.vocab_size)
+        tok.save(saved)
     if args.backbone == "gpt":
         return tok, fl.models.GPT(fl.models.GPTConfig(**model_fields(args, tok.vocab_size))), None
     return tok, fl.models.BERT(fl.models.BERTConfig(**model_fields(args, tok.vocab_size))), None
@@ -210,6 +219,11 @@ class Run:
     def record(self, entry: dict) -> None:
         self._log.record(entry)
 
+    def rewind(self, keep: int) -> None:
+        """Continue from a checkpoint: the log's first ``keep`` records stay, later ones go."""
+        self._log.close()
+        self._log = runs.MetricsLog(self.out / "metrics.jsonl", keep=keep)
+
     def close(self, plot: bool, metric: str) -> None:
         self._log.close()
         if not plot:
@@ -244,7 +258,12 @@ def fit(
 ) -> tuple[Any, dict[str, float]]:
     """Train for ``args.epochs`` and evaluate after each; returns the final params and metrics.
     With ``--lora-rank`` only adapters and the head train; the backbone stays as loaded.
-    ``meta`` goes into the saved model's metadata (what a reader needs to rebuild it)."""
+    ``meta`` goes into the saved model's metadata (what a reader needs to rebuild it).
+
+    The train state is checkpointed after each epoch and when a signal stops the run;
+    ``--resume`` restores the newest intact checkpoint and goes on from its step: the batch
+    order of an epoch is a function of ``(seed, epoch)`` and a step's keys of the step, so the
+    resumed run ends where the uninterrupted one would."""
     where = cli.device(args)
     params = cli.to_device(params, where)
     k_lora, k_train, k_data = random.split(random.key(args.seed + 1), 3)
@@ -270,11 +289,17 @@ def fit(
     # donated: neither the loop nor fit's callers read an old state or the params passed in
     step = cli.loop_step(lambda t, b, k: loss_fn(effective(t), b, k), opt, args, where)
     state = cli.to_device(train.init_state(trainable, opt, k_train), where)
+    ckpts = checkpoint.Checkpointer(Path(args.out_dir) / "checkpoints", keep=1)
+    if args.resume:
+        restored = cli.resume(ckpts, {"state": state})
+        if restored is not None:
+            state = cli.to_device(restored.state["state"], where)
+        run.rewind(restored.metadata["metrics_records"] if restored else 0)
     n_trained, _ = finetune.count_trainable(trainable, tuple(args.freeze))
     print(f"{len(examples):,} training examples, {total} steps; {n_trained:,} of "
           f"{fl.tree.size(effective(trainable)):,} parameters trained")  # fmt: skip
     started = time.perf_counter()
-    bar = tqdm(total=total, mininterval=1)
+    bar = tqdm(total=total, initial=int(state.step), mininterval=1)
     final: dict[str, float] = {}
     guard = cli.Guard(args.skip_nonfinite)
     path = Path(args.out_dir) / "model.safetensors"
@@ -285,10 +310,17 @@ def fit(
         entry = {"args": vars(args), "step": int(state.step), **(meta or {}), **extra}
         checkpoint.save(path, saved, entry)
 
+    def save_state(done: int) -> Path:
+        """What ``--resume`` continues from: the train state after step ``done``."""
+        guard.check()
+        entry = {"args": vars(args), **(meta or {}), "metrics_records": len(run.records)}
+        return ckpts.save(done, {"state": state}, entry)
+
     with runs.interruptible() as stop:
-        for epoch in range(args.epochs):
+        for epoch in range(int(state.step) // per_epoch, args.epochs):
             order = data.BatchOrder(len(examples), args.batch_size, k_data, epoch=epoch,
-                                    lengths=lengths, bucket=50)  # fmt: skip
+                                    start=int(state.step) - epoch * per_epoch, lengths=lengths,
+                                    bucket=50)  # fmt: skip
             loader = torch.utils.data.DataLoader(examples, batch_sampler=order, collate_fn=pad)
             for batch in loader:
                 state, metrics = step(state, batch)
@@ -301,18 +333,19 @@ def fit(
                     )
                     bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
                 if stop and int(state.step) < total:
-                    save(interrupted=True)
-                    bar.close()
-                    print(f"stopped by {stop.signal} after step {int(state.step)} of {total}: "
-                          f"saved the model so far to {path}")  # fmt: skip
-                    raise SystemExit(stop.exit_code)
+                    save(interrupted=True)  # the model so far, usable as it is
+                    cli.leave(stop, int(state.step), save_state, bar)
             guard.check()
-            if (epoch + 1) % args.eval_every and epoch + 1 < args.epochs:
-                continue
-            final = evaluate(effective(state.params))
-            run.record({"step": int(state.step), "epoch": epoch + 1, **final})
-            bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                final = evaluate(effective(state.params))
+                run.record({"step": int(state.step), "epoch": epoch + 1, **final})
+                bar.write(
+                    f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+                )
+            save_state(int(state.step))
     bar.close()
+    if not final:  # resumed after the last epoch: score the model again, record nothing
+        final = evaluate(effective(state.params))
     final["train_s"] = time.perf_counter() - started
     save()
     return effective(state.params), final

@@ -4,6 +4,12 @@ only adapters and the head."""
 
 import importlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +112,42 @@ def test_classification_from_pretrained_beside_naive_bayes(pretrained, tmp_path)
     assert set(saved) == {"adapters", "head"}
 
 
+def test_interrupted_finetuning_resumes_to_the_uninterrupted_model(pretrained, tmp_path):
+    """Fine-tuning stopped by SIGINT mid-epoch saves its train state; ``--resume`` continues
+    it (the epoch's remaining batches, the same keys) to the model an uninterrupted run makes,
+    bit for bit, and the metrics log reads as one run's."""
+    root, _ = pretrained
+    rows = "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES * 100))
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + rows)
+    args = [*TINY, "--train", str(tmp_path / "d.tsv"), "--dev", str(tmp_path / "d.tsv"),
+            "--pretrained", str(root / "whole"), "--epochs", "2", "--batch-size", "2",
+            "--eval-every", "1"]  # fmt: skip
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    load("finetune_classify").main([*args, "--out-dir", str(whole)])  # 2 x 300 steps
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.finetune_classify", *args, "--out-dir", str(split)],
+        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    log, deadline = split / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    said, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = said.strip().splitlines()[-1]
+    assert "continue with --resume" in last, last
+    stopped = int(last.split("after step ")[1].split(":")[0])
+    assert 10 <= stopped < 600, last  # stopped within the run, not at its end
+    load("finetune_classify").main([*args, "--out-dir", str(split), "--resume"])
+    assert_trees_equal(
+        checkpoint.load(split / "model.safetensors"), checkpoint.load(whole / "model.safetensors")
+    )
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    drop = lambda r: {k: v for k, v in r.items() if k != "train_s"}  # noqa: E731
+    assert [drop(r) for r in lines(split)] == [drop(r) for r in lines(whole)]
+
+
 def test_gpt_classifier_from_scratch(tmp_path):
     rows = [{"text": s, "label": ["a", "b"][i % 2]} for i, s in enumerate(SENTENCES * 2)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -117,6 +159,15 @@ def test_gpt_classifier_from_scratch(tmp_path):
     )  # fmt: skip
     assert 0.0 <= result["accuracy"] <= 1.0
     assert (tmp_path / "o" / "curves.png").stat().st_size > 0
+    # the fresh tokenizer is saved, and a finished run resumed reads it back and rescores
+    saved = json.loads((tmp_path / "o" / "tokenizer.json").read_text())
+    assert checkpoint.metadata(tmp_path / "o" / "model.safetensors")["tokenizer"] == saved
+    again = load("finetune_classify").main(
+        [*TINY, "--backbone", "gpt", "--vocab-size", "100", "--epochs", "1", "--resume",
+         "--train", str(tmp_path / "d.jsonl"), "--dev", str(tmp_path / "d.jsonl"),
+         "--out-dir", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert again["accuracy"] == result["accuracy"]
 
 
 def test_tagging_on_conll(pretrained, tmp_path):
