@@ -51,9 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load(run: Path) -> tuple[Any, Any, chat.ChatTemplate]:
     """``(model, params, template)`` of a chat_sft run's newest checkpoint."""
-    restored = checkpoint.Checkpointer(run / "checkpoints").restore()
-    if restored is None:
-        raise checkpoint.CheckpointError(f"{run}: no checkpoint in {run / 'checkpoints'}")
+    restored = cli.newest_checkpoint(run, "; train one with chat_sft")
     meta = restored.metadata
     if meta.get("template") != "chat":
         raise checkpoint.CheckpointError(f"{run}: not a chat model (train one with chat_sft)")

@@ -235,6 +235,15 @@ def leave(stop: runs.Stop, done: int, save: Callable[[int], Path], bar: Any = No
     raise SystemExit(stop.exit_code if stop else 1)
 
 
+def newest_checkpoint(run: Path, hint: str = "") -> checkpoint.Restored:
+    """The newest intact checkpoint of the run folder ``run`` (read without a template), or a
+    ``CheckpointError`` naming the folder, followed by ``hint`` (what makes one)."""
+    restored = checkpoint.Checkpointer(run / "checkpoints").restore()
+    if restored is None:
+        raise checkpoint.CheckpointError(f"{run}: no checkpoint in {run / 'checkpoints'}{hint}")
+    return restored
+
+
 def trained_params(model: Any, saved: Any) -> Any:
     """``model``'s params in a checkpoint read without a template: a training checkpoint's
     ``TrainState`` params (``{"state": ...}``) or a params-only one (``{"params": ...}``), laid

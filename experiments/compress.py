@@ -52,9 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _run(where: Path) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor, dict]:
     """The run's model, params, tokenizer, train and validation ids, and its arguments."""
-    restored = checkpoint.Checkpointer(where / "checkpoints").restore()
-    if restored is None:
-        raise checkpoint.CheckpointError(f"{where}: no checkpoint; run experiments.pretrain_gpt")
+    restored = cli.newest_checkpoint(where, "; run experiments.pretrain_gpt")
     meta = restored.metadata
     cfg = checkpoint.config_from_dict(fl.models.GPTConfig, meta["config"])
     model = fl.nn.inference(fl.models.GPT(cfg))

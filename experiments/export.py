@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         raise FileExistsError(f"{out} holds an earlier export; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     limit = getattr(model, "backbone", model).config.max_seq_len
-    fn, _, inputs = ex._signature(model, args.batch, min(args.length, limit), cli.device(args))
+    fn, _, inputs = ex.signature(model, args.batch, min(args.length, limit), cli.device(args))
     program = ex.export_model(model, params)
     torch.export.save(program, out / "program.pt2")
     exported = program.module()

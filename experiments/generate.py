@@ -88,9 +88,7 @@ def load(where: Path) -> tuple[Any, Any, Any]:
     if (where / "config.json").exists():
         return load_hf(where)
     if where.is_dir():
-        restored = checkpoint.Checkpointer(where / "checkpoints").restore()
-        if restored is None:
-            raise checkpoint.CheckpointError(f"{where}: no checkpoint in {where / 'checkpoints'}")
+        restored = cli.newest_checkpoint(where)
         path, meta, saved = where / "checkpoints", restored.metadata, restored.state
     else:
         path, meta, saved = where, checkpoint.metadata(where), checkpoint.load(where)

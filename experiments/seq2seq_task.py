@@ -269,10 +269,8 @@ def _fmt(value: Any) -> str:
 def use_trained(args: argparse.Namespace, sources: Sequence[str]) -> list[str]:
     """Outputs of the model a previous run left in ``--out-dir`` (its newest intact checkpoint,
     config and tokenizer), by beam search."""
+    restored = cli.newest_checkpoint(Path(args.out_dir), "; train a model there first")
     ckpts = checkpoint.Checkpointer(Path(args.out_dir) / "checkpoints")
-    restored = ckpts.restore()
-    if restored is None:
-        raise checkpoint.CheckpointError(f"no trained model in {args.out_dir}: train one first")
     model, params, tok = trained(restored, "the checkpoint")
     n = restored.metadata["args"].get("average", 1)
     params = averaged(ckpts, model, n, cli.to_device(params, cli.device(args)), restored.step)

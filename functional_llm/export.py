@@ -36,6 +36,7 @@ __all__ = [
     "export",
     "export_decoding",
     "export_model",
+    "signature",
     "to_onnx",
 ]
 
@@ -104,11 +105,12 @@ def export(
     return torch.export.export(program, args, dynamic_shapes={"args": tuple(shapes)})
 
 
-def _signature(
+def signature(
     model: Any, batch: int, length: int, device: torch.device | str = "cpu"
 ) -> tuple[Callable[..., Any], list[str], tuple]:
     """``model.apply`` as ``fn(params, *tensors)``, the tensors' names, and examples of them
-    on ``device`` (random ids, ``valid`` all True)."""
+    on ``device`` (random ids, ``valid`` all True): what :func:`export_model` exports, for a
+    GPT, a BERT, a head on either, or the encoder-decoder."""
     c = getattr(model, "backbone", model).config
     g = torch.Generator().manual_seed(0)
     ids = lambda vocab: torch.randint(0, vocab, (batch, length), generator=g).to(device)  # noqa: E731
@@ -140,7 +142,7 @@ def export_model(
     tgt, src_valid, tgt_valid)`` for the encoder-decoder (source and target lengths apart)."""
     limit = getattr(model, "backbone", model).config.max_seq_len
     where = tree.leaves(params)[0].device
-    fn, names, example = _signature(model, example_batch, min(example_length, limit), where)
+    fn, names, example = signature(model, example_batch, min(example_length, limit), where)
     dynamic = [{0: "batch", 1: "tgt_length" if n.startswith("tgt") else "length"} for n in names]
     limits = {"length": limit, "tgt_length": limit}
     return export(fn, params, *example, dynamic=dynamic, params_as=params_as, limits=limits)
@@ -163,7 +165,7 @@ def export_decoding(
     batch, length = 2, min(4, max_len)
     seq2seq = hasattr(model, "core")
     where = tree.leaves(params)[0].device
-    _, _, (ids, *_) = _signature(model, batch, length, where)
+    _, _, (ids, *_) = signature(model, batch, length, where)
     ones = torch.ones(batch, length, dtype=torch.bool, device=where)
     pad_dims = {0: "batch", 1: "length"}
     if seq2seq:

@@ -62,7 +62,7 @@ def _inputs(model: Any, b: int, t: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Random inputs of batch ``b`` and length ``t`` with right padding (a target of length
     ``max(1, t // 2)`` for the encoder-decoder)."""
     g = torch.Generator().manual_seed(seed)
-    _, names, _ = ex._signature(model, b, t)
+    _, names, _ = ex.signature(model, b, t)
     out = []
     for name in names:
         length = max(1, t // 2) if name.startswith("tgt") else t
@@ -93,7 +93,7 @@ def exported(request: pytest.FixtureRequest) -> Any:
 def test_exported_model_equals_eager(exported: Any, b: int, t: int, seed: int) -> None:
     model, params, constants, inputs = exported
     x = _inputs(model, b, t, seed)
-    fn, _, _ = ex._signature(model, b, t)
+    fn, _, _ = ex.signature(model, b, t)
     want = _flat(fn(params, *x))
     torch.testing.assert_close(_flat(constants(*x)), want, rtol=1e-5, atol=1e-5)
     other = model.init(fl.random.key(seed))  # params as inputs: any params of that shape
@@ -166,7 +166,7 @@ def test_onnx_equals_eager_in_onnxruntime(name: str, tmp_path: Path) -> None:
     params = model.init(fl.random.key(4))
     path = ex.to_onnx(ex.export_model(model, params), tmp_path / "model.onnx")
     session = ort.InferenceSession(str(path))
-    fn, _, _ = ex._signature(model, 1, 1)
+    fn, _, _ = ex.signature(model, 1, 1)
     for b, t in ((1, 3), (4, 19)):
         x = _inputs(model, b, t, seed=t)
         feeds = {i.name: v.numpy() for i, v in zip(session.get_inputs(), x, strict=True)}

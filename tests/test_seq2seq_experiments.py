@@ -106,5 +106,7 @@ def test_bad_input_is_named(tmp_path, capsys):
         translate.main([*TINY, "--train", str(bad), "--dev", str(bad),
                         "--out-dir", str(tmp_path / "b")])  # fmt: skip
     assert not any((tmp_path / "b").iterdir())  # nothing written half-way
-    with pytest.raises(checkpoint.CheckpointError, match="no trained model"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"no checkpoint in .*; train a model there first"
+    ):
         summarize.main(["--out-dir", str(tmp_path / "c"), "--summarize", __file__])
