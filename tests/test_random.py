@@ -96,6 +96,26 @@ def test_split_and_fold_in_give_distinct_keys(seed, n):
     assert torch.equal(R.fold_in(k, 3), R.fold_in(k, torch.tensor(3)))
 
 
+@given(
+    seed=st.integers(-(2**63), 2**64 - 1),
+    num=st.integers(0, 80),
+    data=st.integers(-(2**63), 2**63 - 1),
+)
+def test_host_key_derivations_are_the_cipher_on_tensors(seed, num, data):
+    """A CPU key split or folded eagerly runs Threefry on Python ints (tensor dispatch would
+    dominate); the words are the tensor cipher's, by its definition, and so is the layout."""
+    k = R.key(seed)
+    counter = torch.arange(num, dtype=torch.int64)
+    words = R.threefry2x32(k, counter, torch.full_like(counter, 1))  # the split tag
+    assert torch.equal(R.split(k, num), torch.stack(words, dim=-1))
+    word = torch.tensor([data & 0xFFFFFFFF])
+    assert torch.equal(
+        R.fold_in(k, data), torch.cat(R.threefry2x32(k, word, torch.full_like(word, 2)))
+    )
+    assert torch.equal(R.fold_in(k, data), R.fold_in(k, torch.tensor(data)))  # the tensor path
+    assert R.split(k, num).dtype == R.fold_in(k, data).dtype == torch.int64
+
+
 @given(seed=st.integers(0, 2**63 - 1), n=st.integers(1, 5))
 def test_vmap_over_keys_equals_a_loop(seed, n):
     keys = R.split(R.key(seed), n)
