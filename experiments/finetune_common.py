@@ -303,18 +303,17 @@ def fit(
     final: dict[str, float] = {}
     guard = cli.Guard(args.skip_nonfinite)
     path = Path(args.out_dir) / "model.safetensors"
+    about = {"args": vars(args), **(meta or {})}  # in the model's and each checkpoint's metadata
 
     def save(**extra: Any) -> None:
         guard.check()  # a diverged model is never written
         saved = state.params if args.lora_rank else effective(state.params)
-        entry = {"args": vars(args), "step": int(state.step), **(meta or {}), **extra}
-        checkpoint.save(path, saved, entry)
+        checkpoint.save(path, saved, {**about, "step": int(state.step), **extra})
 
     def save_state(done: int) -> Path:
         """What ``--resume`` continues from: the train state after step ``done``."""
         guard.check()
-        entry = {"args": vars(args), **(meta or {}), "metrics_records": len(run.records)}
-        return ckpts.save(done, {"state": state}, entry)
+        return ckpts.save(done, {"state": state}, {**about, "metrics_records": len(run.records)})
 
     with runs.interruptible() as stop:
         for epoch in range(int(state.step) // per_epoch, args.epochs):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["glibc", "retain_freed_memory"]
 
 # glibc's <malloc.h> parameter numbers
 _M_TRIM_THRESHOLD = -1
@@ -40,11 +40,10 @@ def retain_freed_memory(limit: int = 1 << 30) -> bool:
         raise ValueError(
             f"retain_freed_memory: limit must be an int of bytes in (0, 2**30], got {limit!r}"
         )
-    if not sys.platform.startswith("linux"):
+    libc = glibc()
+    if libc is None:
         return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None or not _is_glibc():
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     for name, param, value in (("mmap threshold", _M_MMAP_THRESHOLD, limit),
                                ("trim threshold", _M_TRIM_THRESHOLD, 2 * limit - 1)):  # fmt: skip
@@ -53,6 +52,10 @@ def retain_freed_memory(limit: int = 1 << 30) -> bool:
     return True
 
 
-def _is_glibc() -> bool:
-    get_version = getattr(ctypes.CDLL(None), "gnu_get_libc_version", None)
-    return get_version is not None
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc (Linux), else None: where
+    :func:`retain_freed_memory` applies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") else None

@@ -37,13 +37,7 @@ def run_steps(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def glibc() -> bool:
-    import ctypes
-
-    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
-
-
-@pytest.mark.skipif(not glibc(), reason="the setting is glibc's mallopt")
+@pytest.mark.skipif(fl.allocator.glibc() is None, reason="the setting is glibc's mallopt")
 def test_retained_memory_removes_the_page_faults_of_a_pure_step() -> None:
     default, retained = run_steps("default"), run_steps("retain")
     assert retained["applied"] is True

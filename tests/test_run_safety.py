@@ -6,10 +6,7 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +14,8 @@ import torch
 from experiments import cli, pretrain_gpt
 from functional_llm import checkpoint, files, optim, random, runs, train
 from functional_llm.testing import assert_trees_equal
+from tests.processes import command
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
     "--batch-size", "2", "--eval-interval", "3", "--eval-iters", "1", "--log-interval", "1",
@@ -158,12 +155,6 @@ def test_other_experiments_refuse_bad_flags(script, flags, named, capsys, tmp_pa
         module.main([*flags, "--out-dir", str(tmp_path / "never")])
     assert exit_.value.code == 2 and named in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
-
-
-def command(*args, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # fmt: skip
 
 
 def test_user_errors_are_one_line_without_a_traceback(tmp_path):

@@ -4,17 +4,15 @@ only adapters and the head."""
 
 import importlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+import functional_llm as fl
 from functional_llm import checkpoint
 from functional_llm.testing import assert_trees_equal
+from tests.processes import command
 
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32", "--no-plot",
         "--batch-size", "4"]  # fmt: skip
@@ -24,17 +22,9 @@ def load(name):
     return importlib.import_module(f"experiments.{name}")
 
 
-def fl_head(name):
-    import functional_llm as fl
-
-    return getattr(fl.models, name)
-
-
 def assert_rebuildable(model_file, head, pretrained_dir, **fields):
     """The saved fine-tuned model records what rebuilds it: the pretrained run's tokenizer,
     the backbone's config and the task's fields; its params load into the rebuilt head."""
-    import functional_llm as fl
-
     meta = checkpoint.metadata(model_file)
     assert meta["tokenizer"] == json.loads((pretrained_dir / "tokenizer.json").read_text())
     assert {k: meta[k] for k in fields} == fields
@@ -124,11 +114,7 @@ def test_interrupted_finetuning_resumes_to_the_uninterrupted_model(pretrained, t
             "--eval-every", "1"]  # fmt: skip
     whole, split = tmp_path / "whole", tmp_path / "split"
     load("finetune_classify").main([*args, "--out-dir", str(whole)])  # 2 x 300 steps
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.finetune_classify", *args, "--out-dir", str(split)],
-        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = command("experiments.finetune_classify", *args, "--out-dir", str(split))
     log, deadline = split / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
         time.sleep(0.02)
@@ -182,7 +168,7 @@ def test_tagging_on_conll(pretrained, tmp_path):
     )  # fmt: skip
     assert {"precision", "recall", "f1", "word_accuracy"} <= set(result)
     tags = ["B-ANIMAL", "E-ANIMAL", "O", "S-ANIMAL"]  # BIOES, sorted
-    assert_rebuildable(tmp_path / "o" / "model.safetensors", fl_head("TokenClassifier"),
+    assert_rebuildable(tmp_path / "o" / "model.safetensors", fl.models.TokenClassifier,
                        root / "whole", task="tag", labels=tags)  # fmt: skip
 
 
@@ -216,5 +202,5 @@ def test_qa_on_squad_with_held_out_articles(pretrained, tmp_path):
     )  # fmt: skip
     assert result["no_answer_exact"] == 50.0  # half the held-out questions are unanswerable
     assert 0.0 <= result["exact"] <= 100.0 and 0.0 <= result["f1"] <= 100.0
-    assert_rebuildable(tmp_path / "o" / "model.safetensors", fl_head("ExtractiveQA"),
+    assert_rebuildable(tmp_path / "o" / "model.safetensors", fl.models.ExtractiveQA,
                        root / "whole", task="qa")  # fmt: skip
